@@ -1,0 +1,38 @@
+# Two commands matter: `make tutorial` (the main job) and `make test`. Each sets up what it needs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The torch release this project is tested with. Elsewhere (a laptop, a GPU box) override it,
+# e.g. `make test TORCH_SPEC="torch torchvision"`; on Colab use `pip install -e .` and keep its torch.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+CLIPART_DIR ?= .cache/openclipart
+
+.PHONY: setup clipart test lint tutorial benchmarks study clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+# Debian's openclipart-png, unpacked without root into $(CLIPART_DIR) (or found in /usr/share/openclipart).
+clipart: setup
+	$(PY) -m pdclip.data.clipart fetch --root $(CLIPART_DIR)
+
+lint: setup
+	$(PY) -m ruff check .
+
+test: setup clipart lint
+	$(PY) -m pytest -q
+
+tutorial: setup clipart
+	$(PY) -m pdclip.tutorial --out outputs
+
+benchmarks: setup
+	for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf outputs runs .pytest_cache .ruff_cache

@@ -1,0 +1,190 @@
+"""Configuration as plain data: the only home of defaults.
+
+`LossConfig` holds every knob of the soft-target methods (methods.md §1-5). The training
+configuration (`TrainConfig`) embeds it, so a checkpoint's `to_dict()` records the targets too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import get_args, get_origin, get_type_hints
+
+METHODS = ("clip", "ls", "kd", "psd", "otter")
+
+
+@dataclass
+class LossConfig:
+    """Hyper-parameters of the target makers. Paper values unless marked *reconstruction*."""
+
+    method: str = "clip"
+    # Label smoothing (methods.md §2): the OTTER paper does not state its value.
+    ls_epsilon: float = 0.1
+    # KD and OTTER mix the hard and soft losses: L = alpha * L_clip + (1 - alpha) * L_soft (§3, §4).
+    mix_alpha: float = 0.5
+    kd_tau: float = 100.0
+    # OTTER (§4): Sinkhorn on the teacher's similarities, positive pair masked by a large lambda.
+    ot_epsilon: float = 0.15
+    ot_iters: int = 5
+    ot_lambda: float = 100.0
+    # EMA teacher for KD / OTTER (and PSD's ablation): d_n = min(decay, (1 + n) / (10 + n)).
+    ema_decay: float = 0.999
+    # PSD (§5) — a *reconstruction*: every open choice is a field.
+    psd_alpha_max: float = 0.5
+    psd_subset: float = 0.5  # rho: fraction of rows that receive soft targets
+    psd_schedule: str = "linear"  # "linear" | "constant" | "cosine"
+    psd_temperature: float = 1.0  # T_soft: teacher logits are s / T_soft
+    psd_teacher: str = "self"  # "self" (same forward, detached) | "ema"
+
+    def __post_init__(self) -> None:
+        check_choice("method", self.method, METHODS)
+        check_choice("psd_schedule", self.psd_schedule, ("linear", "constant", "cosine"))
+        check_choice("psd_teacher", self.psd_teacher, ("self", "ema"))
+        for name in ("ls_epsilon", "mix_alpha", "psd_alpha_max", "psd_subset"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
+        for name in ("kd_tau", "ot_epsilon", "psd_temperature"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.ot_iters < 1:
+            raise ValueError(f"ot_iters must be >= 1, got {self.ot_iters}")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+
+    @property
+    def needs_ema_teacher(self) -> bool:
+        return self.method in ("kd", "otter") or (self.method == "psd" and self.psd_teacher == "ema")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LossConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown LossConfig field(s): {sorted(unknown)}")
+        return cls(**d)
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    """Raise a ValueError naming the option when `value` is not one of `choices`."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+@dataclass
+class TrainConfig:
+    """Everything `pdclip.train.fit` needs. Nested `loss` holds the method and its knobs.
+
+    On the command line every field (and every `LossConfig` field, e.g. `--method`) is an option
+    `--field=value`; `with_overrides` checks the names and types.
+    """
+
+    # Data: a `pdclip.data` source; `data_kwargs` go to `build_dataset` (e.g. `n_train`, `root`, `urls`).
+    dataset: str = "synthetic"
+    data_kwargs: dict = field(default_factory=dict)
+    # Model (pdclip.models.create_model); OTTER initialises both log-temperatures at 3.9.
+    model: str = "pdclip-vit-tiny"
+    pretrained_text: str | None = None
+    freeze_text: bool = False
+    pretrained_image: str | None = None
+    init_logit_scale: float = math.log(1 / 0.07)
+    init_logit_scale_soft: float = 3.9
+    # Optimisation. `batch_size` is the *global* batch, split evenly over the ranks.
+    steps: int = 300
+    batch_size: int = 64
+    optimizer: str = "adamw"  # "adamw" | "sgd" (OTTER's recipe: momentum 0.9, lr 3e-3, wd 0, no warm-up)
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    momentum: float = 0.9
+    grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
+    precision: str = "auto"  # "auto" (bf16 / fp16 on a GPU, fp32 on a CPU) | "fp32" | "bf16" | "fp16"
+    device: str = "auto"
+    num_workers: int = 0
+    seed: int = 0
+    # Outputs: <out>/metrics.jsonl, eval.jsonl, checkpoint.pt, config.json, snapshots/step_XXXXXX.pt.
+    out: str = "runs/default"
+    resume: bool = False
+    overwrite: bool = False
+    save_every: int = 100  # steps between checkpoints (one is always written at the end)
+    eval_every: int = 0  # steps between evaluations; 0 evaluates only at the end when an eval hook exists
+    snapshot_every: int = 50  # steps between snapshots of the probe batch; 0 turns them off
+    snapshot_size: int = 32  # pairs in the fixed probe batch
+    progress: bool = True
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.loss, dict):
+            self.loss = LossConfig.from_dict(self.loss)
+        self.betas = tuple(self.betas)
+        check_choice("optimizer", self.optimizer, ("adamw", "sgd"))
+        check_choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        for name in ("steps", "batch_size", "snapshot_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "num_workers",
+                     "save_every", "eval_every", "snapshot_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s): {sorted(unknown)}")
+        return cls(**d)
+
+    def with_overrides(self, overrides: dict[str, object]) -> TrainConfig:
+        """A copy with `{name: value}` applied; names may be TrainConfig or LossConfig fields.
+
+        String values (from the command line) are converted to the field's type.
+        """
+        train, loss = self.to_dict(), self.loss.to_dict()
+        train_types, loss_types = get_type_hints(TrainConfig), get_type_hints(LossConfig)
+        for name, value in overrides.items():
+            key = name.removeprefix("loss.")
+            if key in loss and key != "loss":
+                loss[key] = _convert(key, value, loss_types[key])
+            elif name in train and name != "loss":
+                train[name] = _convert(name, value, train_types[name])
+            else:
+                options = sorted(set(train) - {"loss"} | set(loss))
+                raise ValueError(f"unknown option --{name}; valid options: {', '.join(options)}")
+        return TrainConfig.from_dict({**train, "loss": loss})
+
+
+def _convert(name: str, value: object, hint: object) -> object:
+    """Convert a command-line string to the field type `hint`; other values pass through."""
+    if not isinstance(value, str):
+        return value
+    optional = type(None) in get_args(hint)
+    if optional and value.lower() in ("none", "null"):
+        return None
+    base = next((a for a in get_args(hint) if a is not type(None)), hint) if optional else hint
+    base = get_origin(base) or base
+    try:
+        if base is bool:
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(value)
+            return value.lower() in ("true", "1", "yes")
+        if base in (int, float):
+            return base(value)
+        if base in (dict, tuple, list):
+            parsed = json.loads(value)
+            if not isinstance(parsed, dict if base is dict else list):
+                raise ValueError(value)
+            return parsed
+    except ValueError as e:
+        raise ValueError(f"option --{name} expects {getattr(base, '__name__', base)}, got {value!r}") from e
+    return value

@@ -1,0 +1,82 @@
+import pytest
+import torch
+from open_clip.loss import ClipLoss
+
+from pdclip.losses import clip_loss, soft_clip_loss
+from pdclip.targets import identity_targets
+
+
+@pytest.mark.parametrize("b,d", [(2, 8), (16, 32), (128, 64)])
+@pytest.mark.parametrize("scale", [1.0, 14.3, 100.0])
+def test_clip_loss_matches_open_clip_forward_and_backward(features, b, d, scale):
+    img, txt = features(b, d, seed=b)
+    ours_in = [x.clone().requires_grad_() for x in (img, txt)]
+    ref_in = [x.clone().requires_grad_() for x in (img, txt)]
+    ours = clip_loss(*ours_in, torch.tensor(scale))
+    ref = ClipLoss()(*ref_in, torch.tensor(scale))
+    ours.backward()
+    ref.backward()
+    torch.testing.assert_close(ours, ref)
+    for a, r in zip(ours_in, ref_in, strict=True):
+        torch.testing.assert_close(a.grad, r.grad)
+
+
+@pytest.mark.parametrize("b", [2, 33, 256])
+def test_soft_clip_loss_with_identity_targets_equals_clip_loss(features, b):
+    img, txt = features(b)
+    eye = identity_targets(b)
+    img_a, txt_a = (x.clone().requires_grad_() for x in (img, txt))
+    img_b, txt_b = (x.clone().requires_grad_() for x in (img, txt))
+    soft = soft_clip_loss(img_a, txt_a, 20.0, eye, eye)
+    hard = clip_loss(img_b, txt_b, 20.0)
+    (soft + hard).backward()
+    torch.testing.assert_close(soft, hard)
+    torch.testing.assert_close(img_a.grad, img_b.grad)
+    torch.testing.assert_close(txt_a.grad, txt_b.grad)
+
+
+def test_soft_targets_change_the_loss(features):
+    img, txt = features(8)
+    uniform = torch.full((8, 8), 1 / 8)
+    assert not torch.isclose(soft_clip_loss(img, txt, 10.0, uniform, uniform), clip_loss(img, txt, 10.0))
+
+
+def test_logit_scale_gets_a_gradient(features):
+    img, txt = features(8)
+    scale = torch.tensor(10.0, requires_grad=True)
+    clip_loss(img, txt, scale).backward()
+    assert scale.grad is not None and scale.grad != 0
+
+
+@pytest.mark.parametrize(
+    "img_shape,txt_shape,message",
+    [((4, 8), (4, 9), "same shape"), ((4, 8), (5, 8), "same shape"), ((1, 8), (1, 8), "B = 1"), ((8,), (8,), "2-D")],
+)
+def test_bad_shapes_are_named(img_shape, txt_shape, message):
+    with pytest.raises(ValueError, match=message):
+        clip_loss(torch.randn(img_shape), torch.randn(txt_shape), 10.0)
+
+
+def test_mismatched_dtypes_are_named(features):
+    img, txt = features(4)
+    with pytest.raises(ValueError, match="same dtype"):
+        clip_loss(img, txt.double(), 10.0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_features_are_named(features, bad):
+    img, txt = features(4)
+    txt[2, 3] = bad
+    with pytest.raises(ValueError, match="text_features contains NaN or Inf"):
+        clip_loss(img, txt, 10.0)
+
+
+def test_targets_that_do_not_sum_to_one_are_named(features):
+    img, txt = features(4)
+    eye = identity_targets(4)
+    with pytest.raises(ValueError, match="rows of targets_t2i must sum to 1"):
+        soft_clip_loss(img, txt, 10.0, eye, 0.5 * eye)
+    with pytest.raises(ValueError, match="targets_i2t must have shape"):
+        soft_clip_loss(img, txt, 10.0, identity_targets(5), eye)
+    with pytest.raises(ValueError, match="negative"):
+        soft_clip_loss(img, txt, 10.0, 2 * eye - torch.full((4, 4), 0.25), eye)
