@@ -1,0 +1,182 @@
+"""Plots for the notebooks: each function takes an optional matplotlib `ax` (or `axes`) and returns it.
+
+Nothing here computes a metric; values come from `pdclip.metrics` / `pdclip.evaluate` or a run's
+`metrics.jsonl`. Import-only: pyplot is imported inside the functions, so importing pdclip never
+picks a matplotlib backend.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from pdclip.metrics import fit_trend, trend_accuracy
+
+
+def _new_axes(ax, ncols: int = 1, width: float = 4.0, height: float = 3.6):
+    """`ax` itself, or a fresh figure with `ncols` axes side by side."""
+    if ax is not None:
+        return ax
+    import matplotlib.pyplot as plt
+
+    _, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False, layout="constrained")
+    return axes[0, 0] if ncols == 1 else axes[0]
+
+
+def plot_effective_robustness(
+    id_acc: Sequence[float],
+    shift_acc: Sequence[float],
+    names: Sequence[str],
+    baselines: Sequence[str],
+    ax=None,
+    title: str = "Effective robustness",
+):
+    """Shifted vs in-distribution accuracy on logit axes, with the baselines' trend line (Taori et al.).
+
+    Models above the line are more robust than the baselines at equal in-distribution accuracy.
+
+    Args:
+        id_acc, shift_acc: one accuracy in (0, 1) per model.
+        names: one label per model.
+        baselines: the names whose points fix the trend line (at least two distinct accuracies).
+        ax: a matplotlib Axes to draw into, or None for a new figure.
+
+    Returns:
+        The Axes.
+    """
+    ax = _new_axes(ax, width=4.8, height=4.2)
+    id_acc, shift_acc = np.asarray(id_acc, dtype=float), np.asarray(shift_acc, dtype=float)
+    if not len(id_acc) == len(shift_acc) == len(names):
+        raise ValueError("id_acc, shift_acc and names must have one entry per model")
+    is_base = np.array([n in baselines for n in names])
+    slope, intercept = fit_trend(id_acc[is_base], shift_acc[is_base])
+    lo = max(min(id_acc.min(), shift_acc.min()) * 0.7, 1e-3)
+    hi = min(1 - (1 - max(id_acc.max(), shift_acc.max())) * 0.7, 1 - 1e-3)
+    grid = 1 / (1 + np.exp(-np.linspace(np.log(lo / (1 - lo)), np.log(hi / (1 - hi)), 100)))
+    ax.plot(grid, grid, ls=":", c="0.6", lw=1, label="y = x (no shift penalty)")
+    ax.plot(grid, trend_accuracy(grid, slope, intercept), c="0.3", lw=1.5, label="baseline trend")
+    ax.scatter(id_acc[is_base], shift_acc[is_base], c="0.5", marker="s", zorder=3, label="baselines")
+    ax.scatter(id_acc[~is_base], shift_acc[~is_base], c="C3", zorder=3, label="models")
+    for x, y, name in zip(id_acc, shift_acc, names, strict=True):
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    _percent_logit_axes(ax, lo, hi)
+    ax.set_xlabel("in-distribution accuracy")
+    ax.set_ylabel("shifted accuracy")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper left")
+    return ax
+
+
+def _percent_logit_axes(ax, lo: float, hi: float) -> None:
+    """Logit-scaled x and y from `lo` to `hi`, ticked at round percentages."""
+    ticks = [t for t in (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
+             if lo <= t <= hi]
+    for axis, scale, limits in ((ax.xaxis, ax.set_xscale, ax.set_xlim), (ax.yaxis, ax.set_yscale, ax.set_ylim)):
+        scale("logit")
+        limits(lo, hi)
+        axis.set_ticks(ticks, [f"{t:.0%}" for t in ticks])
+        axis.set_ticks([], minor=True)
+
+
+def plot_matrix(matrix, ax=None, title: str = "", cmap: str = "viridis"):
+    """A heatmap of a `(B, B)` matrix: rows are images, columns captions.
+
+    Args:
+        matrix: a tensor or array, e.g. logits, targets or the true correspondence.
+        ax: a matplotlib Axes, or None for a new figure.
+
+    Returns:
+        The Axes.
+    """
+    ax = _new_axes(ax)
+    m = matrix.detach().float().cpu().numpy() if hasattr(matrix, "detach") else np.asarray(matrix, dtype=float)
+    if m.ndim != 2:
+        raise ValueError(f"plot_matrix needs a 2-D matrix, got shape {m.shape}")
+    from matplotlib.ticker import MaxNLocator
+
+    image = ax.imshow(m, cmap=cmap, interpolation="nearest")
+    for axis in (ax.xaxis, ax.yaxis):  # rows and columns are batch positions: integer ticks only
+        axis.set_major_locator(MaxNLocator(integer=True))
+    ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    ax.set_title(title)
+    ax.set_xlabel("caption j")
+    ax.set_ylabel("image i")
+    return ax
+
+
+def plot_matrices(matrices: dict, axes=None, cmap: str = "viridis"):
+    """Several `(B, B)` matrices side by side, e.g. `{"logits": ..., "targets": ..., "truth": ...}`.
+
+    Args:
+        matrices: title -> matrix.
+        axes: a sequence of as many Axes, or None for a new figure.
+
+    Returns:
+        The Axes, one per matrix.
+    """
+    axes = _new_axes(axes, ncols=len(matrices), width=3.6, height=3.2)
+    axes = np.atleast_1d(axes)
+    if len(axes) != len(matrices):
+        raise ValueError(f"got {len(axes)} axes for {len(matrices)} matrices")
+    for ax, (title, matrix) in zip(axes, matrices.items(), strict=True):
+        plot_matrix(matrix, ax=ax, title=title, cmap=cmap)
+    return axes
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a JSON-lines file (e.g. a run's `metrics.jsonl`), skipping blank lines."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean over the last `window` values (fewer at the start), same length as `values`."""
+    if window < 1:
+        raise ValueError(f"smooth window must be >= 1, got {window}")
+    sums = np.cumsum(np.insert(values, 0, 0.0))
+    counts = np.minimum(np.arange(1, len(values) + 1), window)
+    return (sums[1:] - sums[np.arange(len(values)) + 1 - counts]) / counts
+
+
+def plot_training_curves(
+    records: str | Path | list[dict],
+    keys: Sequence[str] = ("loss",),
+    x: str = "step",
+    ax=None,
+    title: str = "",
+    logy: bool = False,
+    smooth: int = 1,
+):
+    """Curves of logged values against `x`; records missing a key are skipped for that curve.
+
+    Args:
+        records: a `metrics.jsonl` path or its records (dicts with `x` and some of `keys`).
+        keys: the logged values to draw.
+        ax: a matplotlib Axes, or None for a new figure.
+        smooth: a trailing moving average over this many records (per-step losses are noisy).
+
+    Returns:
+        The Axes.
+    """
+    records = read_jsonl(records) if isinstance(records, str | Path) else records
+    ax = _new_axes(ax, width=5.0)
+    drawn = 0
+    for key in keys:
+        points = [(r[x], r[key]) for r in records if x in r and isinstance(r.get(key), int | float)]
+        if points:
+            xs, ys = np.array(points, dtype=float).T
+            ax.plot(xs, moving_average(ys, smooth), label=key)
+            drawn += 1
+    if not drawn:
+        raise ValueError(f"no record has {x!r} and any of {list(keys)}")
+    from matplotlib.ticker import MaxNLocator
+
+    if logy:
+        ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(x)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return ax
