@@ -1,0 +1,92 @@
+"""Image–caption datasets behind one interface: `build_dataset(name, split, **kw)` and `collate`.
+
+Every map-style dataset returns `{"image": FloatTensor (3, H, W), "text": str, "index": int}`
+(+ `"label": int` where there is a primary class); the shard reader is iterable and yields the same
+dicts. Sources: `synthetic` (rendered scenes with known ground truth), `clipart` (Debian's
+OpenClipart PNGs) and `shards` (img2dataset / CC3M webdataset tars). Tokenisation is left to the
+models: each text tower owns its tokenizer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+SOURCES = ("synthetic", "clipart", "shards")
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class ZeroShotTask:
+    """Class names and prompt templates for one zero-shot classification task.
+
+    Attributes:
+        classnames: one name per class, `C` of them.
+        templates: prompts with one `{}` placeholder, e.g. `"a photo of a {}."`.
+        labels: `(N,)` the class of each image of the dataset (its primary class for multi-label).
+        multilabels: optional, per image the set of all correct classes (for hit@k).
+    """
+
+    classnames: list[str]
+    templates: list[str]
+    labels: Tensor
+    multilabels: list[set[int]] | None = None
+
+    def __post_init__(self) -> None:
+        bad = [t for t in self.templates if t.count("{}") != 1]
+        if bad:
+            raise ValueError(f"each template needs exactly one '{{}}' placeholder, got {bad}")
+        if self.labels.dim() != 1:
+            raise ValueError(f"labels must be 1-D (N,), got shape {tuple(self.labels.shape)}")
+
+    def prompts(self, classname: str) -> list[str]:
+        """All templates filled with `classname`."""
+        return [t.format(classname) for t in self.templates]
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack samples into a batch.
+
+    Returns:
+        `{"image": (B, 3, H, W), "text": list[str], "index": LongTensor (B,)}` plus
+        `"label": LongTensor (B,)` when every sample has one.
+    """
+    if not samples:
+        raise ValueError("collate got an empty list of samples")
+    batch = {
+        "image": torch.stack([s["image"] for s in samples]),
+        "text": [s["text"] for s in samples],
+        "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
+    }
+    if all("label" in s for s in samples):
+        batch["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)
+    return batch
+
+
+def build_dataset(name: str, split: str, **kwargs):
+    """Build a dataset by source name.
+
+    Args:
+        name: one of `SOURCES`: "synthetic", "clipart" or "shards".
+        split: "train", "val" or "test"; the synthetic source also has "shift" (a
+            distribution-shifted test split). The shard reader takes the split's shards from `urls`.
+        **kwargs: passed to the source's constructor (e.g. `image_size`, `seed`, `n_train`, `root`).
+    """
+    if name == "synthetic":
+        from pdclip.data.synthetic import SyntheticCaptions
+
+        return SyntheticCaptions(split=split, **kwargs)
+    if name == "clipart":
+        from pdclip.data.clipart import ClipArt
+
+        return ClipArt(split=split, **kwargs)
+    if name == "shards":
+        from pdclip.data.shards import ShardDataset
+
+        return ShardDataset(split=split, **kwargs)
+    raise ValueError(f"unknown dataset name {name!r}; choose one of {SOURCES}")
+
+
+__all__ = ["SOURCES", "SPLITS", "ZeroShotTask", "build_dataset", "collate"]
