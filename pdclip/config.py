@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import get_args, get_origin, get_type_hints
 
 METHODS = ("clip", "ls", "kd", "psd", "otter")
+CONFIG_DIR = Path(__file__).parent / "configs"  # shipped TrainConfig files
 
 
 @dataclass
@@ -102,6 +104,7 @@ class TrainConfig:
     warmup_steps: int = 30
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
     momentum: float = 0.9
     grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
     precision: str = "auto"  # "auto" (bf16 / fp16 on a GPU, fp32 on a CPU) | "fp32" | "bf16" | "fp16"
@@ -116,6 +119,7 @@ class TrainConfig:
     eval_every: int = 0  # steps between evaluations; 0 evaluates only at the end when an eval hook exists
     snapshot_every: int = 50  # steps between snapshots of the probe batch; 0 turns them off
     snapshot_size: int = 32  # pairs in the fixed probe batch
+    eval_max_samples: int = 500  # per split in the CLI's periodic evaluation (val split, no linear probe)
     progress: bool = True
     loss: LossConfig = field(default_factory=LossConfig)
 
@@ -125,7 +129,7 @@ class TrainConfig:
         self.betas = tuple(self.betas)
         check_choice("optimizer", self.optimizer, ("adamw", "sgd"))
         check_choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
-        for name in ("steps", "batch_size", "snapshot_size"):
+        for name in ("steps", "batch_size", "snapshot_size", "eval_max_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "num_workers",
@@ -188,3 +192,35 @@ def _convert(name: str, value: object, hint: object) -> object:
     except ValueError as e:
         raise ValueError(f"option --{name} expects {getattr(base, '__name__', base)}, got {value!r}") from e
     return value
+
+
+def parse_cli(argv: list[str]) -> TrainConfig:
+    """`--config NAME_OR_PATH` then `--field=value` / `--field value` / `--flag` overrides."""
+    overrides, config, i = {}, None, 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ValueError(f"unexpected argument {arg!r}; options look like --field=value")
+        name, eq, value = arg[2:].partition("=")
+        if not eq:  # "--field value", or a bare "--flag" meaning true
+            has_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            value, i = (argv[i + 1], i + 1) if has_value else ("true", i)
+        name = name.replace("-", "_")
+        if name == "config":
+            config = value
+        else:
+            overrides[name] = value
+        i += 1
+    cfg = TrainConfig() if config is None else load_config(config)
+    return cfg.with_overrides(overrides)
+
+
+def load_config(name_or_path: str) -> TrainConfig:
+    """A JSON config file, or the name of one shipped in `pdclip/configs/` (e.g. `tutorial_cpu`)."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = CONFIG_DIR / f"{name_or_path.removesuffix('.json')}.json"
+    if not path.is_file():
+        shipped = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+        raise FileNotFoundError(f"no config file {name_or_path!r}; shipped configs: {shipped}")
+    return TrainConfig.from_dict(json.loads(path.read_text()))
