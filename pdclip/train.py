@@ -13,7 +13,6 @@ targets (`<out>/snapshots/step_XXXXXX.pt`, for the visualisation notebook), an e
 
 from __future__ import annotations
 
-import itertools
 import os
 import sys
 import time
@@ -23,12 +22,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from tqdm.auto import tqdm
 
 from pdclip.checkpoint import RunFiles, load_checkpoint, read_checkpoint, rng_state, set_rng_state
 from pdclip.config import TrainConfig, parse_cli
-from pdclip.data import build_dataset, collate
+from pdclip.data import build_dataset
+from pdclip.data.sampling import make_batches, probe_batch
 from pdclip.distributed import gather_features, world
 from pdclip.methods import MethodOutput, method_loss
 from pdclip.models import DualEncoder, create_model
@@ -68,8 +67,10 @@ class Trainer:
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = DistributedDataParallel(self.model, device_ids=ids)
-        self.batches = make_batches(self.dataset, cfg, self.rank, self.world_size, self.step)
-        self.probe = probe_batch(self.dataset, cfg, self.rank, self.world_size) if cfg.snapshot_every else None
+        self.batches = make_batches(self.dataset, cfg.batch_size, cfg.seed, cfg.num_workers,
+                                    self.rank, self.world_size, self.step)
+        self.probe = (probe_batch(self.dataset, cfg.snapshot_size, cfg.seed, self.rank, self.world_size)
+                      if cfg.snapshot_every else None)
 
     def forward_loss(self, net: torch.nn.Module, batch: dict, alpha: float, generator: torch.Generator) -> tuple[MethodOutput, dict]:
         """Teacher (if any) and student forward, then the method's loss on the global batch."""
@@ -242,78 +243,6 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, fused=True)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True)
-
-
-class SeededSamples(Dataset):
-    """`ds[(epoch, i)]` is `ds[i]` with the torch RNG seeded by `(seed, epoch, i)`: a sample's random
-    augmentation depends neither on the rank or worker that loads it nor on a resume."""
-
-    def __init__(self, dataset: Dataset, seed: int):
-        self.dataset, self.seed = dataset, seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]) -> dict:
-        epoch, index = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
-            return self.dataset[index]
-
-
-class GlobalBatchSampler(Sampler):
-    """Endless `(epoch, index)` batches for one rank, starting at `start_step`.
-
-    Global batch `k` of epoch `e` is `perm_e[k B : (k + 1) B]` (the last partial batch is dropped);
-    rank `r` takes its `r`-th contiguous slice, so the gathered batch is the one-process batch.
-    """
-
-    def __init__(self, n: int, batch_size: int, rank: int, world_size: int, seed: int, start_step: int = 0):
-        if n < batch_size:
-            raise ValueError(f"the dataset has {n} samples, fewer than batch_size={batch_size}")
-        self.n, self.batch_size, self.seed, self.start_step = n, batch_size, seed, start_step
-        self.local = batch_size // world_size
-        self.offset = rank * self.local
-
-    def __iter__(self):
-        per_epoch, step, perm_epoch = self.n // self.batch_size, self.start_step, None
-        while True:
-            epoch, k = divmod(step, per_epoch)
-            if epoch != perm_epoch:
-                perm_epoch = epoch
-                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
-            start = k * self.batch_size + self.offset
-            yield [(epoch, i) for i in perm[start:start + self.local].tolist()]
-            step += 1
-
-
-def make_batches(dataset: Dataset, cfg: TrainConfig, rank: int, world_size: int, start_step: int):
-    """An endless iterator of this rank's collated batches from `start_step` on."""
-    if cfg.batch_size % world_size:
-        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the {world_size} processes")
-    common = {"collate_fn": collate, "num_workers": cfg.num_workers, "pin_memory": torch.cuda.is_available()}
-    if isinstance(dataset, IterableDataset):  # shards: the reader splits by rank; order is not resumable
-        loader = DataLoader(dataset, batch_size=cfg.batch_size // world_size, drop_last=True, **common)
-    else:
-        sampler = GlobalBatchSampler(len(dataset), cfg.batch_size, rank, world_size, cfg.seed, start_step)
-        loader = DataLoader(SeededSamples(dataset, cfg.seed), batch_sampler=sampler, **common)
-    while True:
-        yield from loader
-
-
-def probe_batch(dataset: Dataset, cfg: TrainConfig, rank: int, world_size: int) -> dict:
-    """This rank's slice of a fixed batch of `cfg.snapshot_size` pairs, the same at every snapshot."""
-    size = cfg.snapshot_size
-    if size % world_size:
-        raise ValueError(f"snapshot_size={size} must be divisible by the {world_size} processes")
-    local = size // world_size
-    if isinstance(dataset, IterableDataset):
-        return collate(list(itertools.islice(iter(dataset), local)))
-    if size > len(dataset):
-        raise ValueError(f"snapshot_size={size} exceeds the dataset's {len(dataset)} samples")
-    chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed))[:size]
-    samples = SeededSamples(dataset, cfg.seed)
-    return collate([samples[(-1, i)] for i in chosen[rank * local:(rank + 1) * local].tolist()])
 
 
 def fit(cfg: TrainConfig, eval_fn: EvalFn | None = None) -> dict:
