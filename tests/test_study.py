@@ -1,0 +1,133 @@
+"""The study machinery without training: CI math, grid expansion, resuming, gains and the report."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from pdclip import study, study_report
+
+
+def test_mean_ci_matches_hand_computed_t_interval():
+    # mean 2, sample sd 1, t_{0.975, df=2} = 4.302653 -> half-width 4.302653 / sqrt(3)
+    mean, half, n = study.mean_ci([1.0, 2.0, 3.0])
+    assert (mean, n) == (2.0, 3)
+    assert half == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)
+    # df=4: t = 2.776445; values 10, 12, 14, 16, 18 -> sd sqrt(10)
+    assert study.mean_ci([10, 12, 14, 16, 18])[1] == pytest.approx(2.776445 * math.sqrt(10) / math.sqrt(5), rel=1e-6)
+
+
+def test_mean_ci_drops_missing_values_and_has_no_width_below_two_seeds():
+    mean, half, n = study.mean_ci([4.0, None, float("nan")])
+    assert (mean, n) == (4.0, 1) and math.isnan(half)
+    assert study.mean_ci([])[2] == 0
+
+
+def test_quick_grid_is_noise_by_method_by_seed_seed_major():
+    cells = study.expand(study.PRESETS["quick"])
+    assert len(cells) == 2 * 5 * 3 == len({c["id"] for c in cells})
+    assert [c["seed"] for c in cells] == sorted(c["seed"] for c in cells)
+    assert {c["method"] for c in cells} == set(study.METHODS)
+
+
+def test_full_grid_runs_shared_cells_once():
+    cells = study.expand(study.PRESETS["full"])
+    # noise 75 + size 2 new sizes x 15 + pretrained 15 + clip art 15 + 7 new PSD variants x 3
+    assert len(cells) == 75 + 30 + 15 + 15 + 21 == len({c["id"] for c in cells})
+    shared = next(c for c in cells if c["id"] == "synthetic-scratch-nu0.4-n2000-psd-seed0")
+    assert shared["experiments"] == ["noise", "size", "pretrained", "psd_ablation"]
+    assert all(c["noise"] is None for c in cells if c["dataset"] == "clipart")
+
+
+def test_expand_rejects_an_unknown_setting():
+    preset = {"base": {"n_train": 10}, "experiments": {"x": {"dataset": "synthetic", "settings": ["frozen"]}}}
+    with pytest.raises(ValueError, match="unknown settings"):
+        study.expand(preset)
+
+
+def _fake_run(calls: list):
+    def run(cell, base, cell_dir):
+        calls.append(cell["id"])
+        acc = 0.1 * (1 + study.METHODS.index(cell["method"])) + 0.01 * cell["seed"]
+        return {"cell": cell, "metrics": {f"test/{study.HEADLINE}": acc}, "target_quality": [],
+                "train_s": 1.0, "wall_s": 1.0}
+    return run
+
+
+def test_run_grid_resumes_only_the_missing_cells(tmp_path):
+    cells = study.expand(study.PRESETS["quick"], seeds=[0, 1])
+    base, calls = study.PRESETS["quick"]["base"], []
+    results = study.run_grid(cells, base, tmp_path, run_fn=_fake_run(calls), log=lambda _: None)
+    assert len(calls) == len(results) == len(cells)
+    (tmp_path / "cells" / cells[3]["id"] / "result.json").unlink()  # as if interrupted there
+    calls.clear()
+    results = study.run_grid(cells, base, tmp_path, run_fn=_fake_run(calls), log=lambda _: None)
+    assert calls == [cells[3]["id"]]
+    assert [r["cell"]["id"] for r in results] == [c["id"] for c in cells]
+    with pytest.raises(ValueError, match="other shared settings"):
+        study.run_grid(cells, {**base, "steps": 1}, tmp_path, run_fn=_fake_run(calls), log=lambda _: None)
+
+
+def test_paired_gains_difference_by_seed(tmp_path):
+    cells = study.expand(study.PRESETS["quick"], seeds=[0, 1, 2])
+    rows = study.run_grid(cells, study.PRESETS["quick"]["base"], tmp_path, run_fn=_fake_run([]), log=lambda _: None)
+    value = lambda r: r["metrics"][f"test/{study.HEADLINE}"]  # noqa: E731
+    gains = study.paired_gains(rows, value)
+    group = next(iter(gains))
+    mean, half, n = gains[group]["otter"]  # otter is 0.4 above clip at every seed: no spread
+    assert (n, "clip" in gains[group]) == (3, False)
+    assert mean == pytest.approx(0.4) and half == pytest.approx(0.0, abs=1e-9)
+    assert study.aggregate(rows, value)[group]["clip"][0] == pytest.approx(0.11)
+
+
+def _fake_eval_run(cell, base, cell_dir):
+    acc = 0.2 + 0.02 * study.METHODS.index(cell["method"]) + 0.01 * cell["seed"] - 0.1 * cell["noise"]
+    keys = [f"{s}/{study.HEADLINE}" for s in ("val", "test")] + [f"test/{study.HEADLINE.replace('top1', 'hit@1')}",
+            "test/retrieval/i2t_R@1", "test/retrieval/t2i_R@1", "linear_probe/acc"]
+    metrics = {k: acc for k in keys} | {f"shift/{study.HEADLINE}": acc * 0.8}
+    quality = [{"step": s, "i2t/true_mass": 0.9, "i2t/offdiag_precision": 0.3, "i2t/chance_offdiag_precision": 0.1,
+                "i2t/chance_true_mass": 0.05} for s in (0, 10)]
+    return {"cell": cell, "metrics": metrics, "target_quality": quality, "train_s": 1.0, "wall_s": 2.0}
+
+
+def test_write_report_fills_its_block_and_keeps_the_text_around_it(tmp_path):
+    preset = study.PRESETS["quick"]
+    study.run_grid(study.expand(preset), preset["base"], tmp_path / "runs", run_fn=_fake_eval_run, log=lambda _: None)
+    doc = tmp_path / "results.md"
+    doc.write_text("# Results\nhand-written intro\n<!-- study:quick:begin -->\nstale\n<!-- study:quick:end -->\noutro\n")
+    study_report.write_report("quick", tmp_path / "runs", doc, tmp_path / "figures")
+    text = doc.read_text()
+    assert text.startswith("# Results\nhand-written intro\n") and text.endswith("outro\n") and "stale" not in text
+    assert "30 of 30 runs finished" in text and "| synthetic, scratch, ν=0.8, n=2000 | otter | 3 |" in text
+    assert "otter helps ZS top-1 at synthetic, scratch, ν=0, n=2000 (+8.0 ± 0.0 points)" in text
+    assert {p.name for p in (tmp_path / "figures").iterdir()} == {
+        "quick_accuracy_vs_noise.png", "quick_gain_vs_noise.png", "quick_effective_robustness.png",
+        "quick_target_quality.png"}
+
+
+def test_run_grid_in_parallel_processes_writes_every_result(tmp_path):
+    cells = study.expand(study.PRESETS["quick"], seeds=[0])[:4]
+    results = study.run_grid(cells, study.PRESETS["quick"]["base"], tmp_path, run_fn=_fake_eval_run, jobs=2,
+                             log=lambda _: None)
+    assert [r["cell"]["id"] for r in results] == [c["id"] for c in cells]
+
+
+def test_select_filters_cells_by_field_and_experiment():
+    cells = study.expand(study.PRESETS["full"])
+    chosen = study.select(cells, ["experiment=size", "noise=0.4", "method=psd"])
+    assert len(chosen) == 3 * 3 and {c["n_train"] for c in chosen} == {2000, 4000, 8000}
+    with pytest.raises(ValueError, match="unknown filter field"):
+        study.select(cells, ["colour=red"])
+
+
+def test_paired_gains_by_variant_compare_ablations_with_the_default(tmp_path):
+    preset = {"base": {"n_train": 10}, "experiments": {"abl": {
+        "dataset": "synthetic", "settings": ["scratch"], "noise": [0.4], "methods": ["psd"],
+        "variants": [{}, {"psd_subset": 1.0}]}}}
+    def run(cell, base, cell_dir):
+        acc = 0.3 + (0.05 if cell["variant"] else 0.0) + 0.01 * cell["seed"]
+        return {"cell": cell, "metrics": {"x": acc}, "target_quality": [], "train_s": 1.0, "wall_s": 1.0}
+    rows = study.run_grid(study.expand(preset), preset["base"], tmp_path, run_fn=run, log=lambda _: None)
+    (gains,) = study.paired_gains(rows, lambda r: r["metrics"]["x"], by="variant").values()
+    assert list(gains) == ['{"psd_subset": 1.0}'] and gains['{"psd_subset": 1.0}'][0] == pytest.approx(0.05)
