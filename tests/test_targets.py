@@ -202,3 +202,15 @@ def test_loss_config_names_bad_options():
         LossConfig(method="simclr")
     with pytest.raises(ValueError, match="psd_subset"):
         LossConfig(psd_subset=1.5)
+
+
+@pytest.mark.parametrize("maker", [kd_targets, otter_targets])
+def test_teacher_targets_find_a_near_duplicate_pair(features, maker):
+    """Pairs 0 and 1 are near-copies: the other matches in the batch that KD and OTTER model."""
+    img, txt = features(B)
+    norm = torch.nn.functional.normalize
+    img[1], txt[1] = norm(img[0] + 0.05 * img[2], dim=0), norm(txt[0] + 0.05 * txt[2], dim=0)
+    for y in maker(img, txt):
+        off = y - torch.diag(y.diagonal())
+        assert off[0].argmax() == 1 and off[1].argmax() == 0
+        assert off[0, 1] > 0.5 * off[0].sum()  # most of the off-diagonal mass of row 0 is on its twin
