@@ -39,3 +39,17 @@ def test_ema_teacher_state_round_trips():
     other.load_state_dict(teacher.state_dict())
     assert other.num_updates == 1 and math.isclose(other.decay, 0.99)
     torch.testing.assert_close(other.module[0].weight, teacher.module[0].weight)
+
+
+def test_ema_teacher_shares_frozen_parameters_and_averages_the_rest():
+    student = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2))
+    student[0].requires_grad_(False)  # e.g. a frozen pretrained text tower
+    teacher = EmaTeacher(student)
+    assert teacher.module[0].weight is student[0].weight
+    assert teacher.module[1].weight is not student[1].weight
+    assert student[1].weight.requires_grad  # freezing the teacher leaves the student trainable
+    with torch.no_grad():
+        student[1].weight.add_(1.0)
+    before = teacher.module[1].weight.clone()
+    teacher.update(student)
+    torch.testing.assert_close(teacher.module[1].weight, before + 0.9)
