@@ -277,7 +277,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model, cfg = load_checkpoint(args.checkpoint, args.device)
     splits = args.splits.split(",") if args.splits else list(PROBE_SPLITS) + (["shift"] if args.dataset == "synthetic" else [])
     same_data = cfg.dataset == args.dataset
-    kwargs = {"image_size": model.image_size, **(cfg.data_kwargs if same_data else {})}
+    # Frozen features for every metric: no augmentation, the training split included (linear probe).
+    kwargs = {"image_size": model.image_size, **(cfg.data_kwargs if same_data else {}), "augment": False}
     datasets = {s: build_dataset(args.dataset, s, **kwargs) for s in splits}
     results = evaluate_model(model, datasets, device=args.device, batch_size=args.batch_size,
                              max_samples=args.max_samples, linear_probe=not args.no_linear_probe)

@@ -164,7 +164,7 @@ def _run_cell(cell: dict, base: dict, cell_dir: Path) -> dict:
     summary = fit(cfg)
     train_s = time.perf_counter() - tic
     model, _ = load_checkpoint(summary["checkpoint"], "cpu")
-    kwargs = {"image_size": model.image_size, **cfg.data_kwargs}
+    kwargs = {"image_size": model.image_size, **cfg.data_kwargs, "augment": False}  # frozen features
     splits = ("train", "val", "test") + (("shift",) if cell["dataset"] == "synthetic" else ())
     datasets = {s: build_dataset(cfg.dataset, s, **kwargs) for s in splits}
     scores = evaluate_model(model, datasets, max_samples=base["n_eval"])

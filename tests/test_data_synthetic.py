@@ -158,3 +158,12 @@ def test_train_transform_shifts_a_little_and_follows_the_seed():
     assert len(shifts) == 1  # a pure translation by at most 32 // 16 = 2 pixels
     with pytest.raises(ValueError, match="uint8"):
         train(pixels.float())
+
+
+def test_augment_false_gives_the_training_split_frozen_images():
+    plain = build_dataset("synthetic", "train", n_train=8, image_size=32, augment=False)
+    assert torch.equal(plain[3]["image"], plain[3]["image"])
+    augmented = build_dataset("synthetic", "train", n_train=8, image_size=32)
+    torch.manual_seed(0)
+    draws = [augmented[3]["image"] for _ in range(8)]
+    assert any(not torch.equal(draws[0], d) for d in draws[1:])  # the default shifts training images

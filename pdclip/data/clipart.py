@@ -173,10 +173,12 @@ class ClipArt(Dataset):
         image_size: output side; the cache is read at `cache_size` and resized when they differ.
         cache_size: resolution of the decoded cache to use (built on first use if missing).
         level: category level of the classes (1 or 2); min_per_class: smaller classes are dropped.
+        augment: random shifts on the images; default only for "train".
     """
 
     def __init__(self, split: str = "train", root: str | Path = DEFAULT_ROOT, image_size: int = 64,
-                 cache_size: int = 64, level: int = 1, min_per_class: int = 30) -> None:
+                 cache_size: int = 64, level: int = 1, min_per_class: int = 30,
+                 augment: bool | None = None) -> None:
         if split not in SPLIT_RANGES:
             raise ValueError(f"clipart split must be one of {tuple(SPLIT_RANGES)}, got {split!r}")
         if level not in (1, 2):
@@ -198,7 +200,7 @@ class ClipArt(Dataset):
         self.paths = [meta["paths"][i] for i in rows]
         self.texts = [caption(p) for p in self.paths]
         self.labels = torch.tensor([lookup[cats[i]] for i in rows], dtype=torch.long)
-        self.transform = image_transform(image_size, train=split == "train")
+        self.transform = image_transform(image_size, train=split == "train" if augment is None else augment)
 
     def __len__(self) -> int:
         return len(self.rows)

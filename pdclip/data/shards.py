@@ -141,6 +141,7 @@ class ShardDataset(IterableDataset):
         image_size: output side in pixels.
         subset: stop after this many good samples in all (shared out over ranks and workers), or None.
         seed: seeds the shard order of "train".
+        augment: random shifts on the images; default only for "train".
 
     Attributes:
         stats: `Counter` of "ok" and each of `SKIP_REASONS` over the last pass (in this process;
@@ -148,7 +149,7 @@ class ShardDataset(IterableDataset):
     """
 
     def __init__(self, urls: str | list[str], split: str = "train", image_size: int = 64,
-                 subset: int | None = None, seed: int = 0) -> None:
+                 subset: int | None = None, seed: int = 0, augment: bool | None = None) -> None:
         if split not in ("train", "val", "test"):
             raise ValueError(f"shards split must be train, val or test, got {split!r}")
         self.urls = expand_urls(urls)
@@ -157,7 +158,7 @@ class ShardDataset(IterableDataset):
         if subset is not None and subset < 1:
             raise ValueError(f"subset must be a positive number of samples, got {subset}")
         self.split, self.subset, self.seed, self.epoch = split, subset, seed, 0
-        self.transform = image_transform(image_size, train=split == "train")
+        self.transform = image_transform(image_size, train=split == "train" if augment is None else augment)
         self.stats: Counter = Counter()
 
     def set_epoch(self, epoch: int) -> None:

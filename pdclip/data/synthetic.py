@@ -1,4 +1,4 @@
-"""The synthetic source: rendered scenes with captions whose truth is known (notebook 01).
+"""The synthetic source: rendered scenes with captions whose truth is known (notebook 05).
 
 Each split draws its scenes from its own seeded stream, so `build_dataset("synthetic", split, **kw)`
 with the same keywords gives disjoint, reproducible splits. Only "train" is noisy, like web data:
@@ -51,6 +51,8 @@ class SyntheticCaptions(Dataset):
         p_mismatch, p_vague, p_near_duplicate: noise rates of the "train" split.
         max_rotation: objects turn by up to this many radians either way.
         seed: the seed of every random choice.
+        augment: random shifts on the images; default only for "train" (pass False to take frozen
+            features of the training split, e.g. for a linear probe).
 
     Attributes:
         texts: the (noisy) caption of each sample; clean_texts: the true caption before noise.
@@ -62,7 +64,8 @@ class SyntheticCaptions(Dataset):
     def __init__(self, split: str = "train", image_size: int = 64, n_train: int = 2000, n_eval: int = 1000,
                  n_shapes: int = 8, n_colours: int = 6, max_objects: int = 2, relations: bool = True,
                  synonyms: bool = True, p_mismatch: float = 0.2, p_vague: float = 0.2,
-                 p_near_duplicate: float = 0.1, max_rotation: float = 0.26, seed: int = 0) -> None:
+                 p_near_duplicate: float = 0.1, max_rotation: float = 0.26, seed: int = 0,
+                 augment: bool | None = None) -> None:
         if split not in SPLIT_IDS:
             raise ValueError(f"synthetic split must be one of {tuple(SPLIT_IDS)}, got {split!r}")
         for name, p in (("p_mismatch", p_mismatch), ("p_vague", p_vague), ("p_near_duplicate", p_near_duplicate)):
@@ -76,7 +79,7 @@ class SyntheticCaptions(Dataset):
         self.split, self.image_size, self.seed = split, image_size, seed
         self.n_shapes, self.n_colours = n_shapes, n_colours
         self.relations, self.synonyms = relations, synonyms
-        self.transform = image_transform(image_size, train=split == "train")
+        self.transform = image_transform(image_size, train=split == "train" if augment is None else augment)
         rng = np.random.default_rng([seed, SPLIT_IDS[split]])
         self.scenes = sample_scenes(rng, n, n_shapes, n_colours, max_objects, max_rotation, split == "shift")
         noisy = split == "train"
