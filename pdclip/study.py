@@ -14,6 +14,7 @@ time. `pdclip.study_report` turns the results into tables, figures and `docs/res
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import logging
@@ -42,7 +43,7 @@ PRESETS: dict[str, dict] = {
         },
     },
     "full": {
-        "about": "synthetic noise sweep, data-size sweep, MiniLM text tower, clip art, PSD ablations, 300 steps",
+        "about": "synthetic noise sweep, data-size sweep, MiniLM text tower, clip art, PSD and OTTER ablations, 300 steps",
         "base": {"model": "pdclip-vit-tiny", "steps": 300, "warmup_steps": 30, "batch_size": 64,
                  "n_train": 2000, "n_eval": 500, "snapshot_every": 50},
         "experiments": {
@@ -57,6 +58,11 @@ PRESETS: dict[str, dict] = {
                                           {"psd_alpha_max": 0.25}, {"psd_alpha_max": 0.8},
                                           {"psd_schedule": "constant"}, {"psd_schedule": "cosine"},
                                           {"psd_teacher": "ema"}]},
+            # OTTER's towers died in the MiniLM setting: is its soft temperature's start, exp(3.9) ~ 49
+            # against CLIP's 1/0.07 ~ 14, the cause? A TrainConfig field, so a variant may set it too.
+            "otter_ablation": {"dataset": "synthetic", "settings": ["scratch", "pretrained"], "noise": [0.4],
+                               "methods": ["otter"],
+                               "variants": [{}, {"init_logit_scale_soft": round(math.log(1 / 0.07), 4)}]},
         },
     },
 }
@@ -124,6 +130,10 @@ def select(cells: list[dict], filters: Sequence[str]) -> list[dict]:
 
 def train_config(cell: dict, base: dict, run_dir: Path) -> TrainConfig:
     """The `TrainConfig` of a cell: the preset's shared settings, the cell's data, tower and targets."""
+    # A variant's keys are LossConfig fields, or TrainConfig fields (OTTER's init_logit_scale_soft).
+    loss_fields = {f.name for f in dataclasses.fields(LossConfig)}
+    loss = {k: v for k, v in cell["variant"].items() if k in loss_fields}
+    train = {k: v for k, v in cell["variant"].items() if k not in loss_fields}
     data = {}
     if cell["dataset"] == "synthetic":
         data = {"n_train": cell["n_train"], "n_eval": base["n_eval"],
@@ -133,7 +143,7 @@ def train_config(cell: dict, base: dict, run_dir: Path) -> TrainConfig:
                        warmup_steps=base["warmup_steps"], batch_size=base["batch_size"], precision="fp32",
                        seed=cell["seed"], out=str(run_dir), overwrite=True, progress=False,
                        save_every=base["steps"], snapshot_every=base["snapshot_every"],
-                       loss=LossConfig(method=cell["method"], **cell["variant"]))
+                       loss=LossConfig(method=cell["method"], **loss), **train)
 
 
 def run_cell(cell: dict, base: dict, cell_dir: Path) -> dict:
@@ -265,7 +275,7 @@ def aggregate(rows: list[dict], value: Callable[[dict], float | None]) -> dict[t
 
 
 def _arm(cell: dict, by: str) -> str:
-    """What a comparison varies: the method, or (PSD ablations) the loss variant."""
+    """What a comparison varies: the method, or (ablations) the variant."""
     return cell["method"] if by == "method" else json.dumps(cell["variant"], sort_keys=True)
 
 
@@ -277,7 +287,7 @@ def paired_gains(rows: list[dict], value: Callable[[dict], float | None],
     removes most of the seed-to-seed variance of the comparison.
 
     Args:
-        by: "method" (arms are methods, the baseline CLIP) or "variant" (arms are loss variants of
+        by: "method" (arms are methods, the baseline CLIP) or "variant" (arms are variants of
             one method, the baseline its default `{}`; groups then ignore the variant).
     """
     baseline = "clip" if by == "method" else "{}"

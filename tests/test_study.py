@@ -34,10 +34,22 @@ def test_quick_grid_is_noise_by_method_by_seed_seed_major():
 def test_full_grid_runs_shared_cells_once():
     cells = study.expand(study.PRESETS["full"])
     # noise 75 + size 2 new sizes x 15 + pretrained 15 + clip art 15 + 7 new PSD variants x 3
-    assert len(cells) == 75 + 30 + 15 + 15 + 21 == len({c["id"] for c in cells})
+    # + 1 new OTTER variant x 2 settings x 3
+    assert len(cells) == 75 + 30 + 15 + 15 + 21 + 6 == len({c["id"] for c in cells})
     shared = next(c for c in cells if c["id"] == "synthetic-scratch-nu0.4-n2000-psd-seed0")
     assert shared["experiments"] == ["noise", "size", "pretrained", "psd_ablation"]
     assert all(c["noise"] is None for c in cells if c["dataset"] == "clipart")
+
+
+def test_a_variant_sets_loss_or_training_fields(tmp_path):
+    cells = study.select(study.expand(study.PRESETS["full"]), ["experiment=otter_ablation", "setting=pretrained"])
+    variant = next(c for c in cells if c["variant"])
+    cfg = study.train_config(variant, study.PRESETS["full"]["base"], tmp_path)
+    assert cfg.init_logit_scale_soft == pytest.approx(math.log(1 / 0.07), abs=1e-4)
+    assert (cfg.loss.method, cfg.pretrained_text) == ("otter", "all-MiniLM-L6-v2")
+    psd = next(c for c in study.expand(study.PRESETS["full"]) if c["variant"] == {"psd_subset": 1.0})
+    cfg = study.train_config(psd, study.PRESETS["full"]["base"], tmp_path)
+    assert (cfg.loss.psd_subset, cfg.init_logit_scale_soft) == (1.0, 3.9)
 
 
 def test_expand_rejects_an_unknown_setting():
