@@ -234,10 +234,21 @@ def check_base(out: Path, base: dict) -> None:
 
 
 def load_results(out: str | Path, cells: list[dict] | None = None) -> list[dict]:
-    """The results under `<out>/cells` (only those of `cells` when given, in their order)."""
-    paths = (sorted(Path(out, "cells").glob("*/result.json")) if cells is None
-             else [Path(out, "cells", c["id"], "result.json") for c in cells])
-    return [json.loads(p.read_text()) for p in paths if p.exists()]
+    """The results under `<out>/cells` (only those of `cells` when given, in their order).
+
+    With `cells`, each result is filed under the cell's experiments as the preset defines them now: an
+    experiment added later (an ablation whose default arm was run by another experiment) includes it.
+    """
+    if cells is None:
+        return [json.loads(p.read_text()) for p in sorted(Path(out, "cells").glob("*/result.json"))]
+    rows = []
+    for cell in cells:
+        path = Path(out, "cells", cell["id"], "result.json")
+        if path.exists():
+            row = json.loads(path.read_text())
+            row["cell"]["experiments"] = cell["experiments"]
+            rows.append(row)
+    return rows
 
 
 # ---------------------------------------------------------------- aggregation

@@ -81,22 +81,30 @@ def plot_sweep(rows: list[dict], x_field: str, columns: Sequence[str], path: Pat
 
 
 def plot_robustness(rows: list[dict], path: Path) -> str | None:
-    """Shift vs test headline accuracy: every CLIP run (unlabelled grey squares, they fix the trend, as in
-    the tables) and one labelled point per other (method, noise), averaged over seeds."""
+    """Shift vs test headline accuracy: every CLIP run (grey squares, they fix the trend, as in the
+    tables) and one point per other (method, noise), averaged over seeds, coloured by method."""
     from pdclip.viz import plot_effective_robustness
 
     rows = [r for r in rows if f"shift/{HEADLINE}" in r["metrics"]]
     acc = lambda r: (r["metrics"][f"test/{HEADLINE}"], r["metrics"][f"shift/{HEADLINE}"])  # noqa: E731
-    base = [acc(r) for r in rows if r["cell"]["method"] == "clip"]
-    groups: dict[str, list] = {}
+    base = np.array([acc(r) for r in rows if r["cell"]["method"] == "clip"])
+    groups: dict[tuple, list] = {}
     for r in rows:
         if r["cell"]["method"] != "clip":
-            groups.setdefault(f"{r['cell']['method']} ν{r['cell']['noise']:g}", []).append(acc(r))
+            groups.setdefault((r["cell"]["method"], r["cell"]["noise"]), []).append(acc(r))
     if len({a for a, _ in base}) < 2 or not groups:
         return None
-    points = np.array(base + [np.mean(v, axis=0) for v in groups.values()])
-    ax = plot_effective_robustness(points[:, 0], points[:, 1], [""] * len(base) + list(groups), [""],
+    # 20 (method, noise) points crowd each other: colour says the method, no text labels.
+    ax = plot_effective_robustness(base[:, 0], base[:, 1], ["clip"] * len(base), ["clip"],
                                    title="Effective robustness (colour+shape top-1)")
+    for i, method in enumerate(METHODS):
+        points = np.array([np.mean(v, axis=0) for (m, _), v in groups.items() if m == method])
+        if len(points):
+            ax.scatter(points[:, 0], points[:, 1], color=f"C{i}", zorder=4, label=f"{method} (one ν each)")
+    for text in list(ax.texts):  # the baselines' "clip" labels
+        text.remove()
+    handles = [(h, lab) for h, lab in zip(*ax.get_legend_handles_labels(), strict=True) if lab != "models"]
+    ax.legend(*zip(*handles, strict=True), fontsize=7, loc="upper left")  # "models": the empty non-baselines
     return _save(ax.figure, path)
 
 

@@ -81,6 +81,16 @@ def test_run_grid_resumes_only_the_missing_cells(tmp_path):
         study.run_grid(cells, {**base, "steps": 1}, tmp_path, run_fn=_fake_run(calls), log=lambda _: None)
 
 
+def test_results_are_filed_under_experiments_added_later(tmp_path):
+    before = {"base": {"n_train": 10}, "experiments": {"x": {"dataset": "synthetic", "settings": ["scratch"]}}}
+    cells = study.expand(before, seeds=[0])
+    study.run_grid(cells, before["base"], tmp_path, run_fn=_fake_run([]), log=lambda _: None)
+    after = {**before, "experiments": {**before["experiments"],
+                                       "y": {"dataset": "synthetic", "settings": ["scratch"], "methods": ["otter"]}}}
+    rows = study.load_results(tmp_path, study.expand(after, seeds=[0]))
+    assert [r["cell"]["method"] for r in rows if "y" in r["cell"]["experiments"]] == ["otter"]
+
+
 def test_paired_gains_difference_by_seed(tmp_path):
     cells = study.expand(study.PRESETS["quick"], seeds=[0, 1, 2])
     rows = study.run_grid(cells, study.PRESETS["quick"]["base"], tmp_path, run_fn=_fake_run([]), log=lambda _: None)
