@@ -4,9 +4,9 @@
     python -m pdclip.study --preset full --out runs/study --jobs 2 --results docs/results.md
 
 A preset is plain data (`PRESETS`): shared training settings plus named experiments, each a product
-of methods x settings x noise levels x training-set sizes x loss variants x seeds. `expand` turns it
-into cells; a cell's id comes from its configuration only, so a cell shared by two experiments runs
-once. `run_grid` skips cells whose `result.json` exists, so an interrupted study resumes. Each
+of methods x settings x noise levels x training-set sizes x variants (LossConfig or TrainConfig
+fields) x seeds. `expand` turns it into cells; a cell's id comes from its configuration only, so a
+cell shared by two experiments runs once. `run_grid` skips cells whose `result.json` exists, so an interrupted study resumes. Each
 result holds every `pdclip.evaluate` metric, the soft-target quality over training and the wall
 time. `pdclip.study_report` turns the results into tables, figures and `docs/results.md`.
 """
