@@ -29,6 +29,7 @@ def atomic_save(obj: object, path: str | Path) -> None:
 
 
 def atomic_write_json(obj: object, path: str | Path) -> None:
+    """`atomic_save` for JSON: write `path.tmp`, then rename over `path`."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")

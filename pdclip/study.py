@@ -187,11 +187,11 @@ def _run_cell(cell: dict, base: dict, cell_dir: Path) -> dict:
 
 def _run_and_save(run_fn: Callable, cell: dict, base: dict, cell_dir: Path) -> dict:
     """`run_fn(cell, base, cell_dir)`, then write `result.json` atomically (its presence means done)."""
+    from pdclip.checkpoint import atomic_write_json  # torch: only where cells run
+
     cell_dir.mkdir(parents=True, exist_ok=True)
     result = run_fn(cell, base, cell_dir)
-    tmp = cell_dir / "result.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(cell_dir / "result.json")
+    atomic_write_json(result, cell_dir / "result.json")
     return result
 
 

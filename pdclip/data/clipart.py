@@ -40,7 +40,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from pdclip.data import ZeroShotTask
-from pdclip.data.transforms import image_transform
+from pdclip.data.transforms import split_transform
 
 SYSTEM_DIR = Path("/usr/share/openclipart/png")
 PNG_SUBDIR = Path("usr/share/openclipart/png")
@@ -200,7 +200,7 @@ class ClipArt(Dataset):
         self.paths = [meta["paths"][i] for i in rows]
         self.texts = [caption(p) for p in self.paths]
         self.labels = torch.tensor([lookup[cats[i]] for i in rows], dtype=torch.long)
-        self.transform = image_transform(image_size, train=split == "train" if augment is None else augment)
+        self.transform = split_transform(image_size, split, augment)
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -30,7 +30,7 @@ from PIL import Image
 from torch import distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pdclip.data.transforms import image_transform, to_uint8
+from pdclip.data.transforms import split_transform, to_uint8
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -158,7 +158,7 @@ class ShardDataset(IterableDataset):
         if subset is not None and subset < 1:
             raise ValueError(f"subset must be a positive number of samples, got {subset}")
         self.split, self.subset, self.seed, self.epoch = split, subset, seed, 0
-        self.transform = image_transform(image_size, train=split == "train" if augment is None else augment)
+        self.transform = split_transform(image_size, split, augment)
         self.stats: Counter = Counter()
 
     def set_epoch(self, epoch: int) -> None:
@@ -272,7 +272,7 @@ def stream_from_hub(data_files: str | list[str], split: str = "train", image_siz
     from datasets import load_dataset  # heavy import, only on this route
 
     stream = load_dataset("webdataset", data_files={split: expand_urls(data_files)}, split=split, streaming=True)
-    transform, stats = image_transform(image_size, train=split == "train"), Counter()
+    transform, stats = split_transform(image_size, split), Counter()
     for row in stream:
         image = next((row[e] for e in IMAGE_EXTS if row.get(e) is not None), None)
         text = (row.get("txt") or "").strip()

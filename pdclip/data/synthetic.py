@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 from pdclip.data import ZeroShotTask
 from pdclip.data.captions import Claims, clean_caption, correspondence, vague_caption
 from pdclip.data.scenes import COLOURS, SHAPES, render, sample_scenes
-from pdclip.data.transforms import image_transform
+from pdclip.data.transforms import split_transform
 
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2, "shift": 3}
 TEMPLATES = ["a photo of a {}.", "a drawing of a {}.", "a {} on a plain background."]
@@ -79,7 +79,7 @@ class SyntheticCaptions(Dataset):
         self.split, self.image_size, self.seed = split, image_size, seed
         self.n_shapes, self.n_colours = n_shapes, n_colours
         self.relations, self.synonyms = relations, synonyms
-        self.transform = image_transform(image_size, train=split == "train" if augment is None else augment)
+        self.transform = split_transform(image_size, split, augment)
         rng = np.random.default_rng([seed, SPLIT_IDS[split]])
         self.scenes = sample_scenes(rng, n, n_shapes, n_colours, max_objects, max_rotation, split == "shift")
         noisy = split == "train"

@@ -59,6 +59,12 @@ def image_transform(image_size: int, train: bool) -> ImageTransform:
     return ImageTransform(image_size, train)
 
 
+def split_transform(image_size: int, split: str, augment: bool | None = None) -> ImageTransform:
+    """The transform of a dataset split: augmented for "train" only, unless `augment` says otherwise
+    (`augment=False` gives frozen features of the training split, e.g. for a linear probe)."""
+    return image_transform(image_size, train=split == "train" if augment is None else augment)
+
+
 def to_uint8(image: Tensor) -> Tensor:
     """Undo the normalisation: float `(3, H, W)` from `image_transform` -> `uint8 (3, H, W)`.
 
