@@ -22,3 +22,17 @@ def features():
         return norm(img, dim=-1).to(dtype), norm(txt, dim=-1).to(dtype)
 
     return make
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print every notebook's smoke-run memory peak and its margin to the limit (issue: headroom)."""
+    import sys
+
+    SMOKE_PEAKS = getattr(sys.modules.get("test_notebooks"), "SMOKE_PEAKS", None)
+    if SMOKE_PEAKS:
+        from pdclip.tutorial import MEMORY_LIMIT_MB, margin
+
+        worst = max(SMOKE_PEAKS, key=SMOKE_PEAKS.get)
+        rows = ", ".join(f"{name[:2]} {peak:.0f}" for name, peak in SMOKE_PEAKS.items())
+        terminalreporter.write_line(f"notebook memory, smoke runs (MB, limit {MEMORY_LIMIT_MB}): {rows}; "
+                                    f"largest {SMOKE_PEAKS[worst]:.0f} MB ({worst}), margin {margin(SMOKE_PEAKS[worst]):.0%}")
