@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from pdclip.config import TrainConfig
-from pdclip.models import DualEncoder, create_model
+from pdclip.models import DualEncoder, model_from_config
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -80,7 +80,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     """
     ckpt = read_checkpoint(path)
     cfg = TrainConfig.from_dict(ckpt["config"])
-    model = create_model(cfg.model, cfg.pretrained_text, freeze_text=cfg.freeze_text)
+    model = model_from_config(cfg, weights=False)
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), cfg
 

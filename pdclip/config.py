@@ -1,6 +1,6 @@
 """Configuration as plain data: the only home of defaults.
 
-`LossConfig` holds every knob of the soft-target methods (methods.md §1-5). The training
+`LossConfig` holds every knob of the soft-target methods (docs/methods.md §1-5). The training
 configuration (`TrainConfig`) embeds it, so a checkpoint's `to_dict()` records the targets too.
 """
 
@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import get_args, get_origin, get_type_hints
 
 METHODS = ("clip", "ls", "kd", "psd", "otter")
+PSD_TEACHERS = ("self", "ema", "snapshot", "intra")  # LossConfig.psd_teacher
 CONFIG_DIR = Path(__file__).parent / "configs"  # shipped TrainConfig files
 
 
@@ -21,7 +22,7 @@ class LossConfig:
     """Hyper-parameters of the target makers. Paper values unless marked *reconstruction*."""
 
     method: str = "clip"
-    # Label smoothing (methods.md §2): the OTTER paper does not state its value.
+    # Label smoothing (docs/methods.md §2): the OTTER paper does not state its value.
     ls_epsilon: float = 0.1
     # KD and OTTER mix the hard and soft losses: L = alpha * L_clip + (1 - alpha) * L_soft (§3, §4).
     mix_alpha: float = 0.5
@@ -30,19 +31,32 @@ class LossConfig:
     ot_epsilon: float = 0.15
     ot_iters: int = 5
     ot_lambda: float = 100.0
-    # EMA teacher for KD / OTTER (and PSD's ablation): d_n = min(decay, (1 + n) / (10 + n)).
+    # EMA teacher for KD / OTTER (and PSD's psd_teacher="ema"): d_n = min(decay, (1 + n) / (10 + n)).
     ema_decay: float = 0.999
     # PSD (§5) — a *reconstruction*: every open choice is a field.
     psd_alpha_max: float = 0.5
     psd_subset: float = 0.5  # rho: fraction of rows that receive soft targets
     psd_schedule: str = "linear"  # "linear" | "constant" | "cosine"
-    psd_temperature: float = 1.0  # T_soft: teacher logits are s / T_soft
-    psd_teacher: str = "self"  # "self" (same forward, detached) | "ema"
+    psd_temperature: float = 1.0  # T_soft: the teacher's logits, at the teacher's own temperature, / T_soft
+    # Whose predictions become the soft targets (pdclip.methods.psd_teacher_logits):
+    #   "self": the same forward, detached — at T_soft = 1 only a per-row reweighting of CLIP (a control);
+    #   "ema": an EMA of the student, at its own temperature (one extra teacher forward);
+    #   "snapshot": the student of up to psd_snapshot_every steps ago, refreshed on that schedule
+    #     (PS-KD's previous-epoch teacher; one extra teacher forward);
+    #   "intra": image–image and text–text similarities of the same forward (as KD / OTTER read them).
+    # The default is provisional: chosen on validation data (docs/methods.md §5).
+    psd_teacher: str = "ema"
+    psd_snapshot_every: int = 50  # steps between refreshes of the "snapshot" teacher (PS-KD: one epoch)
+
+    # Multi-positive base (docs/methods.md §8, pdclip.positives): a caption identical to pair i's own is
+    # also right for image i; every method's hard targets (and the soft mass mixed into them) use it.
+    multi_positive: bool = False
+    positive_images: bool = False  # with multi_positive: identical images (same bytes) count too
 
     def __post_init__(self) -> None:
         check_choice("method", self.method, METHODS)
         check_choice("psd_schedule", self.psd_schedule, ("linear", "constant", "cosine"))
-        check_choice("psd_teacher", self.psd_teacher, ("self", "ema"))
+        check_choice("psd_teacher", self.psd_teacher, PSD_TEACHERS)
         for name in ("ls_epsilon", "mix_alpha", "psd_alpha_max", "psd_subset"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -50,14 +64,23 @@ class LossConfig:
         for name in ("kd_tau", "ot_epsilon", "psd_temperature"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.ot_iters < 1:
-            raise ValueError(f"ot_iters must be >= 1, got {self.ot_iters}")
+        for name in ("ot_iters", "psd_snapshot_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        if self.positive_images and not self.multi_positive:
+            raise ValueError("positive_images=True needs multi_positive=True")
 
     @property
-    def needs_ema_teacher(self) -> bool:
-        return self.method in ("kd", "otter") or (self.method == "psd" and self.psd_teacher == "ema")
+    def teacher_model(self) -> str | None:
+        """The separate teacher network the method reads (`pdclip.teacher.make_teacher`): "ema",
+        "snapshot", or None — PSD's "self" and "intra" teachers read the student's own forward."""
+        if self.method in ("kd", "otter"):
+            return "ema"
+        if self.method == "psd" and self.psd_teacher in ("ema", "snapshot"):
+            return self.psd_teacher
+        return None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,7 +115,19 @@ class TrainConfig:
     model: str = "pdclip-vit-tiny"
     pretrained_text: str | None = None
     freeze_text: bool = False
-    pretrained_image: str | None = None
+    pretrained_image: str | None = None  # e.g. "efficientnet_lite0": offline ImageNet weights (pdclip.towers)
+    freeze_image: bool = False  # with an offline pretrained_image: train its head (+ trainable_blocks) only
+    trainable_blocks: int = 0  # with freeze_image: the backbone's last blocks that still train
+    pretrained_lr_scale: float = 0.1  # lr multiplier of the image backbone's trainable pretrained weights
+    image_size: int | None = None  # None: the offline backbone's ImageNet size, else the architecture's
+    head: str = "linear"  # the pretrained towers' new projection heads: "linear" | "mlp"
+    head_hidden: int = 512  # the "mlp" head's hidden width
+    embed_dim: int | None = None  # the shared dimension D; None keeps the architecture's
+    # Feature cache (pdclip.features): both pretrained towers frozen, their backbones run once per image
+    # and caption (features on disk), then only the heads train. No augmentation unless feature_views > 1.
+    feature_cache: bool = False
+    feature_views: int = 1  # image views of the training split: 0 plain, 1.. augmented; epoch e reads e % K
+    feature_cache_dir: str | None = None  # None: the repository's .cache/features (or $PDCLIP_FEATURE_CACHE)
     init_logit_scale: float = math.log(1 / 0.07)
     init_logit_scale_soft: float = 3.9
     # Optimisation. `batch_size` is the *global* batch, split evenly over the ranks.
@@ -129,15 +164,25 @@ class TrainConfig:
         self.betas = tuple(self.betas)
         check_choice("optimizer", self.optimizer, ("adamw", "sgd"))
         check_choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
-        for name in ("steps", "batch_size", "snapshot_size", "eval_max_samples"):
+        check_choice("head", self.head, ("linear", "mlp"))
+        for name in ("steps", "batch_size", "snapshot_size", "eval_max_samples", "head_hidden", "feature_views"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "num_workers",
-                     "save_every", "eval_every", "snapshot_every"):
+                     "save_every", "eval_every", "snapshot_every", "trainable_blocks"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("image_size", "embed_dim"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be None or >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.pretrained_lr_scale <= 1.0:
+            raise ValueError(f"pretrained_lr_scale must be in (0, 1], got {self.pretrained_lr_scale}")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other")
+        frozen = self.pretrained_text and self.freeze_text and self.pretrained_image and self.freeze_image
+        if self.feature_cache and not (frozen and self.trainable_blocks == 0):
+            raise ValueError("feature_cache needs both pretrained towers frozen: pretrained_text + freeze_text, "
+                             "pretrained_image + freeze_image, and trainable_blocks=0")
 
     def to_dict(self) -> dict:
         return asdict(self)

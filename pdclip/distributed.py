@@ -1,4 +1,4 @@
-"""The one place that gathers features across ranks (methods.md: `B` is the *global* batch).
+"""The one place that gathers features across ranks (docs/methods.md: `B` is the *global* batch).
 
 The student's features are gathered *with* gradient (`torch.distributed.nn.all_gather`, whose
 backward sums the gradients of every rank's loss into the local slice), so each rank can compute

@@ -66,11 +66,15 @@ def encode_texts(model, texts: list[str], device: str | torch.device, batch_size
 
 
 def sample_batches(dataset: Dataset, indices: Tensor | None, batch_size: int, max_samples: int | None):
-    """Collated batches of the chosen samples (all of a map-style subset; the first ones of a stream)."""
+    """Collated batches of the chosen samples (all of a map-style subset; the first ones of a stream;
+    cached features' unaugmented view, `pdclip.features.CachedFeatures.get_batch`)."""
     if isinstance(dataset, IterableDataset):
         stream = itertools.islice(dataset, max_samples)
         while batch := list(itertools.islice(stream, batch_size)):
             yield collate(batch)
+    elif hasattr(dataset, "get_batch"):
+        for chunk in indices.split(batch_size):
+            yield dataset.get_batch([(0, i) for i in chunk.tolist()])
     else:
         yield from DataLoader(Subset(dataset, indices.tolist()), batch_size=batch_size, collate_fn=collate)
 
@@ -85,13 +89,14 @@ def compute_features(model, dataset: Dataset, *, device: str | torch.device = "c
 
     Args:
         model: exposes `encode_image`, `tokenize`, `encode_text`; put in eval mode by the caller.
-        dataset: map-style or iterable; samples `{"image", "text", "index"(, "label")}`.
+        dataset: map-style or iterable; samples `{"image", "text", "index"(, "label")}`; or cached
+            backbone features (`CachedFeatures`, with `pdclip.features.HeadsOnly` as the model).
         max_samples: evaluate on at most this many samples (evenly spaced for map-style datasets).
     """
     indices = None if isinstance(dataset, IterableDataset) else subset_indices(len(dataset), max_samples)
     images, seen, labels, own_texts = [], [], [], []
     for batch in sample_batches(dataset, indices, batch_size, max_samples):
-        images.append(model.encode_image(batch["image"].to(device)).float().cpu())
+        images.append(model.encode_image(batch["image_raw" if "image_raw" in batch else "image"].to(device)).float().cpu())
         seen.append(batch["index"])
         labels.append(batch.get("label"))
         own_texts += batch["text"]
@@ -210,7 +215,10 @@ def snapshot_target_quality(snapshot: dict, dataset, mix_alpha: float = 0.5) -> 
 
     KD and OTTER store only their soft targets `Y`; their loss mixes in the hard targets, so the
     targets the student is pulled towards are `mix_alpha * I + (1 - mix_alpha) * Y` (ignoring their
-    second temperature), and that mixture is what is scored.
+    second temperature), and that mixture is what is scored. PSD's snapshots hold its teacher's
+    predictions mixed in on the chosen rows; the off-diagonal precision is the teacher's (α cancels).
+    With `psd_teacher="self"` that teacher is the student's own forward: the precision then scores the
+    student's predictions (softened by `T_soft`), not a distillation signal from another model.
 
     Args:
         snapshot: a `<run>/snapshots/step_*.pt` dict with `"targets_i2t"`, `"targets_t2i"` `(B, B)`,
@@ -264,6 +272,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--max-samples", type=int, default=None)
     p.add_argument("--no-linear-probe", action="store_true")
+    p.add_argument("--feature-cache", action="store_true",
+                   help="frozen towers only: run the heads on cached backbone features (pdclip.features), "
+                        "extracting each split once, instead of the full towers on every image")
     return p.parse_args(argv)
 
 
@@ -279,8 +290,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     same_data = cfg.dataset == args.dataset
     # Frozen features for every metric: no augmentation, the training split included (linear probe).
     kwargs = {"image_size": model.image_size, **(cfg.data_kwargs if same_data else {}), "augment": False}
-    datasets = {s: build_dataset(args.dataset, s, **kwargs) for s in splits}
-    results = evaluate_model(model, datasets, device=args.device, batch_size=args.batch_size,
+    if args.feature_cache:  # the same numbers as the full towers (tests/test_features.py), far cheaper
+        from pdclip.features import CachedFeatures, HeadsOnly
+
+        datasets = {s: CachedFeatures(model, args.dataset, s, kwargs, root=cfg.feature_cache_dir) for s in splits}
+        encoder = HeadsOnly(model, datasets.values())
+    else:
+        datasets, encoder = {s: build_dataset(args.dataset, s, **kwargs) for s in splits}, model
+    results = evaluate_model(encoder, datasets, device=args.device, batch_size=args.batch_size,
                              max_samples=args.max_samples, linear_probe=not args.no_linear_probe)
     if same_data:  # snapshot indices point into the training split the run used
         train = datasets["train"] if "train" in datasets else build_dataset(args.dataset, "train", **kwargs)

@@ -1,4 +1,4 @@
-"""Contrastive losses over `(image_features, text_features, logit_scale)` (methods.md §1).
+"""Contrastive losses over `(image_features, text_features, logit_scale)` (docs/methods.md §1).
 
 Every method in pdclip is *one* symmetric soft-target cross-entropy; only the `(B, B)` targets differ
 (see `pdclip.targets`). `logit_scale` is the exponentiated multiplier `t`, as open_clip's model
@@ -93,7 +93,7 @@ def soft_clip_loss(
     targets_i2t: Tensor,
     targets_t2i: Tensor,
 ) -> Tensor:
-    """Symmetric soft-target cross-entropy (methods.md, the equation at the top).
+    """Symmetric soft-target cross-entropy (docs/methods.md, the equation at the top).
 
     Args:
         image_features, text_features: `(B, D)`, L2-normalised.

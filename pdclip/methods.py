@@ -1,4 +1,4 @@
-"""The one place a method name becomes targets and a loss (methods.md §1-5).
+"""The one place a method name becomes targets and a loss (docs/methods.md §1-5, §8).
 
 `method_loss` takes the *local* batch; it gathers to the global batch itself (`pdclip.distributed`),
 so soft targets under DDP see every pair, as the papers' equations assume.
@@ -14,6 +14,7 @@ from torch import Tensor
 from pdclip.config import LossConfig
 from pdclip.distributed import gather_features
 from pdclip.losses import check_features, symmetric_soft_ce
+from pdclip.positives import positive_targets
 from pdclip.targets import identity_targets, kd_targets, label_smoothing_targets, otter_targets, psd_targets
 
 
@@ -37,8 +38,11 @@ def method_loss(
     logit_scale_soft: Tensor | None = None,
     teacher_image_features: Tensor | None = None,
     teacher_text_features: Tensor | None = None,
+    teacher_logit_scale: Tensor | None = None,
     alpha: float = 0.0,
     generator: torch.Generator | None = None,
+    caption_keys: Tensor | None = None,
+    image_keys: Tensor | None = None,
 ) -> MethodOutput:
     """Loss of `cfg.method` on the global batch.
 
@@ -46,10 +50,15 @@ def method_loss(
         image_features, text_features: the student's local `(B_local, D)` normalised features.
         logit_scale: the student's multiplier `t` (exponentiated, clamped).
         logit_scale_soft: OTTER's second multiplier `t_s` for the soft term (KD / OTTER); defaults to `t`.
-        teacher_image_features, teacher_text_features: the EMA teacher's local features, `(B_local, D)`;
-            required by `kd`, `otter` and PSD with `psd_teacher="ema"`.
+        teacher_image_features, teacher_text_features: the teacher network's local features,
+            `(B_local, D)`; required by `kd`, `otter` and PSD with `psd_teacher` "ema" or "snapshot".
+        teacher_logit_scale: the teacher network's own multiplier (exponentiated, clamped); required
+            by PSD with `psd_teacher` "ema" or "snapshot", whose predictions use their own temperature.
         alpha: PSD's progressive weight at this step.
         generator: RNG for PSD's subset; seed it identically on every rank.
+        caption_keys, image_keys: the local `(B_local,)` int64 keys of `pdclip.positives`; required by
+            `cfg.multi_positive` (and `cfg.positive_images`), gathered here so that equality is decided
+            on the global batch.
     """
     img = gather_features(image_features, with_grad=True)
     txt = gather_features(text_features, with_grad=True)
@@ -58,18 +67,18 @@ def method_loss(
     logits = logit_scale * similarity
     n, device = logits.shape[0], logits.device
     parts: dict[str, float] = {}
+    hard = hard_targets(cfg, n, device, caption_keys, image_keys)
 
     if cfg.method in ("clip", "ls", "psd"):
         if cfg.method == "clip":
-            y_i2t = y_t2i = identity_targets(n, device)
+            y_i2t = y_t2i = hard
         elif cfg.method == "ls":
-            y_i2t = y_t2i = label_smoothing_targets(n, cfg.ls_epsilon, device)
+            y_i2t = y_t2i = label_smoothing_targets(n, cfg.ls_epsilon, device, hard=hard)
         else:
-            teacher_logits = logits
-            if cfg.psd_teacher == "ema":
-                t_img, t_txt = _gathered_teacher(teacher_image_features, teacher_text_features)
-                teacher_logits = logit_scale * t_img @ t_txt.T
-            y_i2t, y_t2i = psd_targets(teacher_logits, alpha, cfg.psd_subset, cfg.psd_temperature, generator)
+            teacher_logits = psd_teacher_logits(cfg.psd_teacher, logits, img, txt, logit_scale, teacher_image_features,
+                                                teacher_text_features, teacher_logit_scale)
+            y_i2t, y_t2i = psd_targets(teacher_logits, alpha, cfg.psd_subset, cfg.psd_temperature, generator,
+                                       hard=hard)
             parts["alpha"] = float(alpha)
         loss = symmetric_soft_ce(logits, y_i2t, y_t2i)
     else:  # kd, otter: L = a L_clip(t_c) + (1 - a) L_soft(Y, t_s)
@@ -78,8 +87,7 @@ def method_loss(
             y_i2t, y_t2i = kd_targets(t_img, t_txt, cfg.kd_tau)
         else:
             y_i2t, y_t2i = otter_targets(t_img, t_txt, cfg.ot_epsilon, cfg.ot_iters, cfg.ot_lambda)
-        eye = identity_targets(n, device)
-        loss_clip = symmetric_soft_ce(logits, eye, eye)
+        loss_clip = symmetric_soft_ce(logits, hard, hard)
         scale_soft = logit_scale if logit_scale_soft is None else logit_scale_soft
         loss_soft = symmetric_soft_ce(scale_soft * similarity, y_i2t, y_t2i)
         loss = cfg.mix_alpha * loss_clip + (1 - cfg.mix_alpha) * loss_soft
@@ -89,7 +97,58 @@ def method_loss(
     return MethodOutput(loss, parts, logits.detach(), y_i2t, y_t2i)
 
 
+@torch.no_grad()
+def hard_targets(cfg: LossConfig, n: int, device: torch.device, caption_keys: Tensor | None,
+                 image_keys: Tensor | None) -> Tensor:
+    """The `(B, B)` hard targets every method starts from: `I`, or with `cfg.multi_positive` the
+    multi-positive base over the global batch (docs/methods.md §8)."""
+    if not cfg.multi_positive:
+        return identity_targets(n, device)
+    if caption_keys is None or (cfg.positive_images and image_keys is None):
+        raise ValueError("multi_positive needs caption_keys (and positive_images needs image_keys): "
+                         "pdclip.positives.caption_keys(texts), image_keys(images)")
+    keys = gather_features(caption_keys.to(device), with_grad=False)
+    images = gather_features(image_keys.to(device), with_grad=False) if cfg.positive_images else None
+    return positive_targets(keys, images)
+
+
+@torch.no_grad()
+def psd_teacher_logits(
+    teacher: str,
+    logits: Tensor,
+    image_features: Tensor,
+    text_features: Tensor,
+    logit_scale: Tensor,
+    teacher_image_features: Tensor | None = None,
+    teacher_text_features: Tensor | None = None,
+    teacher_logit_scale: Tensor | None = None,
+) -> Tensor:
+    """The image→text logits PSD's teacher predicts with, `(B, B)`, no grad (docs/methods.md §5, reconstruction).
+
+    - "self": the student's own logits `t U Vᵀ`, detached. The targets are then the student's own
+      predictions, and at `T_soft = 1` PSD's gradient is CLIP's scaled by `1 - α` on the chosen rows.
+    - "intra": `t (U Uᵀ + V Vᵀ) / 2` of the same forward, detached: caption j fits image i as much as
+      image j resembles image i and caption j resembles caption i (KD's and OTTER's intra-modal terms).
+    - "ema", "snapshot": the teacher network's `t_teacher U_t V_tᵀ`, at the teacher's own temperature.
+
+    Args:
+        logits: the student's image→text logits `t U Vᵀ`, `(B, B)`.
+        image_features, text_features: the student's *global* normalised features, `(B, D)`.
+        logit_scale: the student's multiplier `t`.
+        teacher_image_features, teacher_text_features: the teacher network's *local* features.
+        teacher_logit_scale: the teacher network's multiplier.
+    """
+    if teacher == "self":
+        return logits.detach()
+    if teacher == "intra":
+        return logit_scale * (image_features @ image_features.T + text_features @ text_features.T) / 2
+    if teacher_logit_scale is None:
+        raise ValueError(f"psd_teacher={teacher!r} needs teacher_logit_scale (the teacher network's own multiplier)")
+    t_img, t_txt = _gathered_teacher(teacher_image_features, teacher_text_features)
+    return teacher_logit_scale * t_img @ t_txt.T
+
+
 def _gathered_teacher(image_features: Tensor | None, text_features: Tensor | None) -> tuple[Tensor, Tensor]:
     if image_features is None or text_features is None:
-        raise ValueError("this method needs teacher_image_features and teacher_text_features (an EMA teacher)")
+        raise ValueError("this method needs teacher_image_features and teacher_text_features (a teacher network)")
     return gather_features(image_features, with_grad=False), gather_features(text_features, with_grad=False)

@@ -1,4 +1,4 @@
-"""Pure evaluation metrics on precomputed, L2-normalised features (methods.md §7).
+"""Pure evaluation metrics on precomputed, L2-normalised features (docs/methods.md §7).
 
 Nothing here touches a model or a dataset: every function takes tensors (or arrays) and returns a
 plain `dict[str, float]`, so the same code scores a training run's periodic evaluation, the CLI

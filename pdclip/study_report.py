@@ -17,6 +17,7 @@ import numpy as np
 
 from pdclip.config import METHODS
 from pdclip.study import (
+    CONTROLS,
     HEADLINE,
     PRESETS,
     aggregate,
@@ -148,8 +149,8 @@ def _cell_text(stat: tuple, signed: bool = False) -> str:
 def condition(group: tuple) -> str:
     dataset, setting, noise, n_train, variant = group
     parts = [dataset, setting] + ([f"ν={noise:g}", f"n={n_train}"] if noise is not None else [])
-    extra = json.loads(variant)
-    return ", ".join(parts + [f"{k}={v}" for k, v in extra.items()])
+    extra = [f"{k}={v}" for k, v in json.loads(variant).items()]
+    return ", ".join(parts + extra + ([f"({CONTROLS[variant]})"] if variant in CONTROLS else []))
 
 
 def results_table(rows: list[dict]) -> list[str]:
@@ -185,8 +186,9 @@ def gains_table(rows: list[dict], by: str = "method",
     for group in sorted(gains[columns[0]], key=str):
         for arm in sorted(gains[columns[0]][group], key=lambda a: METHODS.index(a) if by == "method" else a):
             stats = [gains[c][group].get(arm, (math.nan, math.nan, 0)) for c in columns]
-            lines.append(f"| {condition(group)} | {arm} | " + " | ".join(_cell_text(s, True) for s in stats) + " |")
-            verdicts += [f"{arm} {'helps' if m > 0 else 'hurts'} {c} at {condition(group)} ({m:+.1f} ± {h:.1f} points)"
+            label = f"{arm} ({CONTROLS[arm]})" if arm in CONTROLS else arm
+            lines.append(f"| {condition(group)} | {label} | " + " | ".join(_cell_text(s, True) for s in stats) + " |")
+            verdicts += [f"{label} {'helps' if m > 0 else 'hurts'} {c} at {condition(group)} ({m:+.1f} ± {h:.1f} points)"
                          for c, (m, h, _) in zip(columns, stats, strict=True) if abs(m) > max(h, MIN_EFFECT)]
     return lines, verdicts
 
@@ -215,7 +217,8 @@ def experiment_section(name: str, experiment: dict, rows: list[dict]) -> list[st
     gains, verdicts = gains_table(rows, by)
     return [f"### Experiment `{name}`", "", *results_table(rows), "",
             "Target precision: the share of the soft targets' off-diagonal mass that lands on captions that "
-            "truly describe the image, at the end of training; chance: that share for mass spread uniformly.", "",
+            "truly describe the image, at the end of training; chance: that share for mass spread uniformly. "
+            "For PSD it scores the teacher's predictions; with `psd_teacher=self` those are the student's own.", "",
             f"Paired gain over {'CLIP' if by == 'method' else 'the default variant'} "
             "(same seed: same initialisation and batches):", "", *gains, "",
             f"Differences whose 95 % CI excludes zero and that exceed {MIN_EFFECT:g} point: "

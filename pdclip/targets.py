@@ -1,4 +1,4 @@
-"""Soft-target makers: `(B, B)` row-stochastic matrices that carry no gradient (methods.md §1-5).
+"""Soft-target makers: `(B, B)` row-stochastic matrices that carry no gradient (docs/methods.md §1-5).
 
 Image→text targets `Y^{I→T}` are indexed `[image i, caption j]`; text→image targets `Y^{T→I}` are
 indexed `[caption j, image i]`. Everything here is pure and runs under `torch.no_grad()`.
@@ -15,43 +15,63 @@ from torch import Tensor
 
 
 def identity_targets(n: int, device: torch.device | str | None = None) -> Tensor:
-    """CLIP's hard targets `I`, `(n, n)` (methods.md §1)."""
+    """CLIP's hard targets `I`, `(n, n)` (docs/methods.md §1)."""
     return torch.eye(n, device=device)
 
 
-def label_smoothing_targets(n: int, epsilon: float, device: torch.device | str | None = None) -> Tensor:
-    """`(1 - ε) I + ε / (n - 1) (11ᵀ - I)`, `(n, n)` (methods.md §2)."""
+def label_smoothing_targets(n: int, epsilon: float, device: torch.device | str | None = None,
+                            hard: Tensor | None = None) -> Tensor:
+    """`(1 - ε) H + ε / (n - 1) (11ᵀ - I)`, `(n, n)`, with hard targets `H = I` by default (docs/methods.md §2).
+
+    Args:
+        hard: `(n, n)` hard targets to smooth instead of `I` (the multi-positive base, §8).
+    """
     off = torch.full((n, n), epsilon / (n - 1), device=device)
-    return off.fill_diagonal_(1.0 - epsilon)
+    if hard is None:
+        return off.fill_diagonal_(1.0 - epsilon)
+    return off.fill_diagonal_(0.0) + (1.0 - epsilon) * hard
 
 
 def _similarities(image_features: Tensor, text_features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Teacher cosine similarities `S_vv, S_tt, S_vt`, each `(B, B)`, in float32."""
+    """Teacher cosine similarities `S_II, S_TT, S_IT`, each `(B, B)`, in float32."""
     u, v = image_features.float(), text_features.float()
     return u @ u.T, v @ v.T, u @ v.T
 
 
 @torch.no_grad()
 def kd_targets(image_features: Tensor, text_features: Tensor, tau: float = 100.0) -> tuple[Tensor, Tensor]:
-    """KD targets `softmax_row(τ (S_vv + S_tt + S_vt))` and its text→image twin (methods.md §3).
+    """KD targets `softmax_row(τ (S_II + S_TT + S_IT))` and its text→image twin (docs/methods.md §3).
 
     Args:
         image_features, text_features: the teacher's normalised embeddings, `(B, D)`.
     Returns:
         `(Y_i2t, Y_t2i)`, each `(B, B)`.
     """
-    s_vv, s_tt, s_vt = _similarities(image_features, text_features)
-    base = s_vv + s_tt
-    return (tau * (base + s_vt)).softmax(dim=-1), (tau * (base + s_vt.T)).softmax(dim=-1)
+    s_ii, s_tt, s_it = _similarities(image_features, text_features)
+    base = s_ii + s_tt
+    return (tau * (base + s_it)).softmax(dim=-1), (tau * (base + s_it.T)).softmax(dim=-1)
+
+
+# A linear-domain half-step may rescale the plan by at most e^_DRIFT (summed over the half-steps since
+# the plan was last exponentiated): an entry that underflowed to 0 in float32 (< 1e-38 of its row's
+# largest) stays below ~1e-20 of it, as negligible as the log domain would have made it.
+_DRIFT = 40.0
 
 
 @torch.no_grad()
 def sinkhorn(cost: Tensor, epsilon: float, n_iters: int) -> Tensor:
-    """Entropic optimal-transport plan with uniform marginals, in the log domain (methods.md §4).
+    """Entropic optimal-transport plan with uniform marginals, stabilised in the log domain (docs/methods.md §4).
 
     Solves `min_Q <Q, C> - ε H(Q)` s.t. `Q 1 = 1/n`, `Qᵀ 1 = 1/m` by Sinkhorn–Knopp in the same order as
-    POT's `ot.sinkhorn` (columns, then rows, per iteration; the rows end exact). Log-sum-exp keeps it
-    finite for small `ε`, where `exp(-C/ε)` overflows; work is in float32 whatever the input dtype.
+    POT's `ot.sinkhorn` (columns, then rows, per iteration; the rows end exact). Work is in float32
+    whatever the input dtype, and stays finite for small `ε`, where `exp(-C/ε)` overflows:
+
+    - a *log-domain* half-step computes the plan from the log-kernel `-C/ε` and the potentials with a
+      max-shifted exp (what log-sum-exp does), so nothing overflows;
+    - the next half-steps only rescale that plan's columns or rows (a sum and a multiply, no exp: why
+      this is several times faster than a log-sum-exp per half-step), as long as the rescaling factors
+      stay within `e^_DRIFT` of the last log-domain plan; past that (a small `ε`), the half-step is a
+      log-domain one again. The result equals the pure log-domain iteration to float32 rounding.
 
     Args:
         cost: `(..., n, m)`, a batch of cost matrices.
@@ -66,14 +86,33 @@ def sinkhorn(cost: Tensor, epsilon: float, n_iters: int) -> Tensor:
         raise ValueError(f"n_iters must be >= 1, got {n_iters}")
     if not torch.isfinite(cost).all():
         raise ValueError("cost contains NaN or Inf")
-    log_k = -cost.float() / epsilon
+    log_k = cost.float() * (-1.0 / epsilon)
     n, m = log_k.shape[-2:]
-    log_a, log_b = -math.log(n), -math.log(m)
-    f = torch.full(log_k.shape[:-1], log_a, device=log_k.device)
-    for _ in range(n_iters):
-        g = log_b - torch.logsumexp(log_k + f.unsqueeze(-1), dim=-2)
-        f = log_a - torch.logsumexp(log_k + g.unsqueeze(-2), dim=-1)
-    return torch.exp(f.unsqueeze(-1) + log_k + g.unsqueeze(-2))
+    # Keyed by the dim a half-step sums over: -2 fits the columns (marginal 1/m, potential g),
+    # -1 the rows (1/n, f). The first half-step fits the columns against f = log(1/n).
+    marginal = {-2: 1.0 / m, -1: 1.0 / n}
+    potential = {-1: torch.full(log_k.shape[:-1], -math.log(n), device=log_k.device), -2: None}
+    plan, drift = log_k, math.inf
+    for step in range(2 * n_iters):
+        dim, other = (-2, -1) if step % 2 == 0 else (-1, -2)
+        if drift < _DRIFT:  # try the cheap half-step: rescale the current plan
+            factor = plan.sum(dim).reciprocal_().mul_(marginal[dim])
+            log_factor = factor.log()
+            step_drift = log_factor.abs().amax().item()  # inf / nan (an underflowed sum) fail the test below
+            if drift + step_drift <= _DRIFT:
+                drift += step_drift
+                potential[dim] += log_factor
+                plan.mul_(factor.unsqueeze(dim))
+                continue
+        # Log-domain half-step: Q = exp(log_k + f + g) with the new potential, max-shifted.
+        plan = log_k + potential[other].unsqueeze(other)
+        shift = plan.amax(dim, keepdim=True)
+        plan.sub_(shift).exp_()
+        total = plan.sum(dim, keepdim=True)
+        potential[dim] = (math.log(marginal[dim]) - shift - total.log()).squeeze(dim)
+        plan.mul_(total.reciprocal_().mul_(marginal[dim]))
+        drift = 0.0
+    return plan
 
 
 @torch.no_grad()
@@ -84,9 +123,9 @@ def otter_targets(
     n_iters: int = 5,
     lam: float = 100.0,
 ) -> tuple[Tensor, Tensor]:
-    """OTTER's targets: row-normalised Sinkhorn plans over the teacher's similarities (methods.md §4).
+    """OTTER's targets: row-normalised Sinkhorn plans over the teacher's similarities (docs/methods.md §4).
 
-    Cost `C^{I→T} = -((S_vv - λI) + (S_tt - λI) + S_vt)`: the large `λ` keeps the plan off the positive
+    Cost `C^{I→T} = -((S_II - λI) + (S_TT - λI) + S_IT)`: the large `λ` keeps the plan off the positive
     pair, so the targets model only the *other* matches in the batch (the hard term of OTTER's loss
     covers the positive). Pass *globally gathered* features under DDP so the masked diagonal is the
     global one (the released code masks `eye(b, N)`, right only on rank 0).
@@ -96,11 +135,15 @@ def otter_targets(
     Returns:
         `(Y_i2t, Y_t2i)`, each `(B, B)`, rows sum to 1.
     """
-    s_vv, s_tt, s_vt = _similarities(image_features, text_features)
-    masked = s_vv + s_tt - 2 * lam * torch.eye(s_vv.shape[0], device=s_vv.device)
-    cost = -torch.stack([masked + s_vt, masked + s_vt.T])
-    plan = sinkhorn(cost, epsilon, n_iters)
-    targets = plan / plan.sum(dim=-1, keepdim=True)
+    s_ii, s_tt, s_it = _similarities(image_features, text_features)
+    n = s_ii.shape[0]
+    masked = s_ii.add_(s_tt)  # in place: each (B, B) pass counts at large B
+    masked.diagonal().sub_(2 * lam)
+    cost = masked.new_empty(2, n, n)
+    torch.add(masked, s_it, out=cost[0])
+    torch.add(masked, s_it.T, out=cost[1])
+    # The last half-step fits the rows to 1/B exactly, so B * plan is row-stochastic.
+    targets = sinkhorn(cost.neg_(), epsilon, n_iters).mul_(n)
     return targets[0], targets[1]
 
 
@@ -111,26 +154,43 @@ def psd_targets(
     subset: float = 0.5,
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
+    hard: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Progressive self-distillation targets (methods.md §5 — pdclip's *reconstruction*).
+    """Progressive self-distillation targets (docs/methods.md §5 — pdclip's *reconstruction*).
 
     The teacher's predictions `P = softmax_row(s / T)` (and `softmax_row(sᵀ / T)`) are mixed into the
     hard targets, `Y_i = (1 - α) e_i + α P_i`, for a random subset of a fraction `ρ` of the pairs;
     the other rows keep `e_i`. A pair in the subset gets soft targets in both directions.
 
+    Which teacher makes `s` decides whether this distils anything: when `s` is the student's own
+    detached logits and `T = 1`, the gradient of `CE(s_i, Y_i)` is `(1 - α)(softmax(s_i) - e_i)`, CLIP's
+    gradient scaled down on the chosen rows, nothing more (notebook 03). `pdclip.methods.psd_teacher_logits`
+    makes `s` for each `LossConfig.psd_teacher`.
+
     Args:
-        logits: teacher image→text logits `s`, `(B, B)` — the student's own, detached, by default.
+        logits: the teacher's image→text logits `s`, `(B, B)`, at the teacher's own temperature.
         alpha: the progressive weight `α_k` (`pdclip.schedules.psd_alpha`); `α = 0` gives `I`.
         subset: `ρ`, the fraction of pairs that get soft targets.
-        temperature: `T_soft`; 1 uses the student's own temperature.
+        temperature: `T_soft`; 1 keeps the teacher's temperature, > 1 softens, < 1 sharpens.
         generator: RNG for the subset (seed it identically on every rank under DDP).
+        hard: symmetric `(B, B)` hard targets `e_i` stands for; `I` by default (the multi-positive
+            base, docs/methods.md §8, otherwise).
     Returns:
         `(Y_i2t, Y_t2i)`, each `(B, B)`.
     """
-    n = logits.shape[0]
-    eye = torch.eye(n, device=logits.device)
-    chosen = torch.zeros(n, dtype=torch.bool)
-    chosen[torch.randperm(n, generator=generator)[: round(subset * n)]] = True
-    weight = (alpha * chosen.float()).to(logits.device).unsqueeze(-1)  # (B, 1): α on chosen rows, else 0
-    s = logits.detach().float() / temperature
-    return tuple((1 - weight) * eye + weight * p.softmax(dim=-1) for p in (s, s.T))
+    n, device = logits.shape[0], logits.device
+    # The same randperm (and RNG draw) on every rank; it is B integers, so the CPU is the place for it.
+    chosen = torch.randperm(n, generator=generator)[: round(subset * n)].to(device)
+    s = logits.detach().float()
+    targets = []
+    # Only the chosen rows of s (and of sᵀ: s's chosen columns) are soft, so only they get a softmax.
+    for rows in (s.index_select(0, chosen), s.index_select(1, chosen).T):
+        mixed = (rows / temperature).softmax(dim=-1).mul_(alpha)  # α P_i on the chosen rows, (k, B)
+        if hard is None:  # (1 - α) e_i: one entry per chosen row
+            mixed[torch.arange(len(chosen), device=device), chosen] += 1 - alpha
+            y = torch.eye(n, device=device)
+        else:
+            mixed += (1 - alpha) * hard.index_select(0, chosen)
+            y = hard.float().clone()
+        targets.append(y.index_copy_(0, chosen, mixed))
+    return targets[0], targets[1]

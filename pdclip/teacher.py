@@ -1,4 +1,12 @@
-"""The EMA teacher used by KD and OTTER (and PSD's `psd_teacher="ema"` ablation), methods.md §4."""
+"""Teachers: frozen copies of the student that KD, OTTER and PSD read their targets from (docs/methods.md §4, §5).
+
+`EmaTeacher` averages the student's parameters (OTTER's teacher, and PSD's `psd_teacher="ema"`);
+`SnapshotTeacher` copies them every N steps (PSD's `psd_teacher="snapshot"`, after PS-KD's "model of
+the previous epoch"). Both offer what the training loop uses: `module` (the frozen copy, whose forward
+is the teacher's one extra pass), `update(model)` once per step *before* the student's forward, and
+`state_dict` / `load_state_dict`, so a resumed run continues exactly. `make_teacher` picks one from a
+`LossConfig`.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +14,32 @@ import copy
 
 import torch
 from torch import nn
+
+from pdclip.config import LossConfig
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of `model` without gradients that *shares* the student's frozen parameters.
+
+    Frozen parameters (`requires_grad=False`, e.g. a frozen pretrained text tower) never change, so the
+    teacher shares them with the student instead of holding a copy: on Binder's ~1.5 GB that matters.
+    """
+    frozen = {id(p): p for p in model.parameters() if not p.requires_grad}
+    return copy.deepcopy(model, memo=frozen).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def move_towards(teacher: nn.Module, student: nn.Module, weight: float) -> None:
+    """`θ_t ← θ_t + w (θ_s − θ_t)` for every parameter (`w = 1` copies exactly); buffers are copied."""
+    for p_t, p in zip(teacher.parameters(), student.parameters(), strict=True):
+        if p_t is p:  # shared frozen parameters are already equal
+            continue
+        if weight == 1.0:
+            p_t.copy_(p.detach())
+        else:
+            p_t.lerp_(p.detach().to(p_t.dtype), weight)
+    for b_t, b in zip(teacher.buffers(), student.buffers(), strict=True):
+        b_t.copy_(b)
 
 
 class EmaTeacher:
@@ -15,14 +49,10 @@ class EmaTeacher:
     student closely at first instead of anchoring to the random initialisation. Only parameters are
     averaged; buffers (e.g. BatchNorm statistics) are copied. Call `update` every step *before* the
     student's forward. Under DDP pass the unwrapped module (`ddp_model.module`).
-
-    Frozen parameters (`requires_grad=False`, e.g. a frozen pretrained text tower) never change, so the
-    teacher shares them with the student instead of holding a copy: on Binder's ~1.5 GB that matters.
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.999):
-        frozen = {id(p): p for p in model.parameters() if not p.requires_grad}
-        self.module = copy.deepcopy(model, memo=frozen).eval().requires_grad_(False)
+        self.module = frozen_copy(model)
         self.decay = decay
         self.num_updates = 0
 
@@ -30,14 +60,8 @@ class EmaTeacher:
         n = self.num_updates
         return min(self.decay, (1 + n) / (10 + n))
 
-    @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        d = self.current_decay()
-        for p_t, p in zip(self.module.parameters(), model.parameters(), strict=True):
-            if p_t is not p:  # shared frozen parameters are already equal
-                p_t.lerp_(p.detach().to(p_t.dtype), 1.0 - d)
-        for b_t, b in zip(self.module.buffers(), model.buffers(), strict=True):
-            b_t.copy_(b)
+        move_towards(self.module, model, 1.0 - self.current_decay())
         self.num_updates += 1
 
     def state_dict(self) -> dict:
@@ -47,3 +71,43 @@ class EmaTeacher:
         self.module.load_state_dict(state["module"])
         self.num_updates = int(state["num_updates"])
         self.decay = float(state["decay"])
+
+
+class SnapshotTeacher:
+    """The student as it was at the last refresh; refreshed every `every` steps.
+
+    PS-KD's teacher (Kim et al., ICCV 2021) is the model of the previous epoch; this is that teacher
+    with the period counted in steps. `update` (called every step before the student's forward) copies
+    the student on calls 0, N, 2N, …, so at step k the teacher is the student of step `k - k mod N`:
+    it *equals* the student on a refresh step (as PS-KD's does on an epoch's first step) and lags by
+    up to N - 1 steps in between. It costs what the EMA teacher costs: one frozen copy and its forward.
+    """
+
+    def __init__(self, model: nn.Module, every: int):
+        if every < 1:
+            raise ValueError(f"the snapshot teacher's refresh period (psd_snapshot_every) must be >= 1, got {every}")
+        self.module = frozen_copy(model)
+        self.every = every
+        self.num_updates = 0
+
+    def update(self, model: nn.Module) -> None:
+        if self.num_updates % self.every == 0:
+            move_towards(self.module, model, 1.0)
+        self.num_updates += 1
+
+    def state_dict(self) -> dict:
+        return {"module": self.module.state_dict(), "num_updates": self.num_updates, "every": self.every}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["module"])
+        self.num_updates = int(state["num_updates"])
+        self.every = int(state["every"])
+
+
+def make_teacher(model: nn.Module, cfg: LossConfig) -> EmaTeacher | SnapshotTeacher | None:
+    """The teacher network `cfg` reads (`cfg.teacher_model`), or None when it needs none."""
+    if cfg.teacher_model == "ema":
+        return EmaTeacher(model, cfg.ema_decay)
+    if cfg.teacher_model == "snapshot":
+        return SnapshotTeacher(model, cfg.psd_snapshot_every)
+    return None

@@ -5,8 +5,9 @@
     torchrun --nproc_per_node=2 -m pdclip.train --method otter --out runs/ddp   # DDP, soft targets on the global batch
 
 A method is only a name here: `pdclip.methods.method_loss` maps it to targets and a loss. The loop adds
-what every method shares: warm-up + cosine lr, AMP on a GPU, gradient clipping, the EMA teacher for
-KD / OTTER, per-step metrics (`<out>/metrics.jsonl`), snapshots of a fixed probe batch's logits and
+what every method shares: warm-up + cosine lr, AMP on a GPU, gradient clipping, the teacher network
+(`pdclip.teacher`: EMA for KD / OTTER, EMA or snapshot for PSD), per-step metrics
+(`<out>/metrics.jsonl`), snapshots of a fixed probe batch's logits and
 targets (`<out>/snapshots/step_XXXXXX.pt`, for the visualisation notebook), an evaluation hook
 (`<out>/eval.jsonl`) and checkpoints that resume exactly (`<out>/checkpoint.pt`).
 """
@@ -29,10 +30,13 @@ from pdclip.config import TrainConfig, parse_cli
 from pdclip.data import build_dataset
 from pdclip.data.sampling import make_batches, probe_batch
 from pdclip.distributed import gather_features, world
+from pdclip.features import CachedFeatures, HeadsOnly, cpu_threads
 from pdclip.methods import MethodOutput, method_loss
-from pdclip.models import DualEncoder, create_model
+from pdclip.models import DualEncoder, model_from_config
+from pdclip.positives import caption_keys, image_keys
 from pdclip.schedules import lr_at, psd_alpha
-from pdclip.teacher import EmaTeacher
+from pdclip.teacher import make_teacher
+from pdclip.towers import ImageBackbone
 
 EvalFn = Callable[[DualEncoder, int], dict[str, float]]
 __all__ = ["fit", "load_checkpoint", "Trainer", "NonFiniteLossError", "main"]
@@ -43,7 +47,7 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class Trainer:
-    """The state of one run: model (+ DDP wrapper), optimiser, scaler, EMA teacher, RNG, step."""
+    """The state of one run: model (+ DDP wrapper), optimiser, scaler, teacher, RNG, step."""
 
     def __init__(self, cfg: TrainConfig, eval_fn: EvalFn | None = None):
         self.cfg, self.eval_fn = cfg, eval_fn
@@ -51,22 +55,25 @@ class Trainer:
         self.device = pick_device(cfg.device)
         self.files = RunFiles(Path(cfg.out), cfg, is_main=self.rank == 0)
         torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg).to(self.device)
-        kwargs = {"image_size": self.model.image_size, **cfg.data_kwargs}
-        self.dataset = build_dataset(cfg.dataset, "train", **kwargs)
+        self.model = model_from_config(cfg).to(self.device)
+        self.dataset = self.train_data()
         self.optimizer = make_optimizer(self.model, cfg)
         self.amp_dtype = autocast_dtype(cfg.precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.teacher = EmaTeacher(self.model, cfg.loss.ema_decay) if cfg.loss.needs_ema_teacher else None
+        self.teacher = make_teacher(self.model, cfg.loss)  # EMA / snapshot copy, or None
         self.generator = torch.Generator().manual_seed(cfg.seed)  # PSD's subsets: the same on every rank
         self.step, self.saved_step = 0, None
         if cfg.resume:
             self.restore(read_checkpoint(self.files.checkpoint))
         self.files.start(self.step)
-        self.net = self.model
+        # With the feature cache, student and teacher take backbone features: only their heads run.
+        self.student = HeadsOnly(self.model) if cfg.feature_cache else self.model
+        self.teacher_net = (None if self.teacher is None else
+                            HeadsOnly(self.teacher.module) if cfg.feature_cache else self.teacher.module)
+        self.net = self.student
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.net = DistributedDataParallel(self.model, device_ids=ids)
+            self.net = DistributedDataParallel(self.student, device_ids=ids)
         self.batches = make_batches(self.dataset, cfg.batch_size, cfg.seed, cfg.num_workers,
                                     self.rank, self.world_size, self.step)
         self.probe = (probe_batch(self.dataset, cfg.snapshot_size, cfg.seed, self.rank, self.world_size)
@@ -74,27 +81,59 @@ class Trainer:
 
     def forward_loss(self, net: torch.nn.Module, batch: dict, alpha: float, generator: torch.Generator) -> tuple[MethodOutput, dict]:
         """Teacher (if any) and student forward, then the method's loss on the global batch."""
-        images = batch["image"].to(self.device, non_blocking=True)
-        tokens = self.model.tokenize(batch["text"]).to(self.device, non_blocking=True)
+        images, tokens = self.inputs(batch)
         teacher = {}
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            if self.teacher is not None:
+            if self.teacher_net is not None:
                 with torch.no_grad():
-                    teacher = {"teacher_image_features": self.teacher.module.encode_image(images).float(),
-                               "teacher_text_features": self.teacher.module.encode_text(tokens).float()}
+                    teacher = {"teacher_image_features": self.teacher_net.encode_image(images).float(),
+                               "teacher_text_features": self.teacher_net.encode_text(tokens).float(),
+                               "teacher_logit_scale": self.teacher_net.scales()[0].float()}
             out = net(images, tokens)
         # Targets (softmax, Sinkhorn) run in float32 whatever the autocast dtype.
         result = method_loss(self.cfg.loss, out["image_features"].float(), out["text_features"].float(),
                              out["logit_scale"].float(), logit_scale_soft=out["logit_scale_soft"].float(),
-                             alpha=alpha, generator=generator, **teacher)
+                             alpha=alpha, generator=generator, **teacher, **self.positive_keys(batch, images))
         return result, out
+
+    def positive_keys(self, batch: dict, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The multi-positive keys of this rank's batch (`pdclip.positives`), when the method uses them:
+        equal captions, and equal image inputs (pixels, or cached backbone features)."""
+        loss = self.cfg.loss
+        keys = {"caption_keys": caption_keys(batch["text"])} if loss.multi_positive else {}
+        if loss.positive_images:
+            keys["image_keys"] = image_keys(images)
+        return keys
+
+    def train_data(self):
+        """The training split, or with `cfg.feature_cache` its backbone features (extracted on first use;
+        under DDP rank 0 extracts while the other ranks wait, then they read its files)."""
+        cfg = self.cfg
+        if not cfg.feature_cache:
+            return build_dataset(cfg.dataset, "train", **{"image_size": self.model.image_size, **cfg.data_kwargs})
+        if self.rank > 0:
+            dist.barrier()
+        features = CachedFeatures(self.model, cfg.dataset, "train", cfg.data_kwargs, views=cfg.feature_views,
+                                  root=cfg.feature_cache_dir)
+        if self.rank == 0 and self.world_size > 1:
+            dist.barrier()
+        return features
+
+    def inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the towers take, on the device: images `(B, 3, H, W)` and token ids `(B, L)`, or with
+        the feature cache the backbones' outputs `(B, F)` and `(B, F_t)`."""
+        if self.cfg.feature_cache:
+            images, tokens = batch["image_raw"], batch["text_raw"]
+        else:
+            images, tokens = batch["image"], self.model.tokenize(batch["text"])
+        return images.to(self.device, non_blocking=True), tokens.to(self.device, non_blocking=True)
 
     def train_step(self, batch: dict) -> dict[str, float]:
         """One optimiser update at `self.step`; returns the metrics record."""
         cfg, step = self.cfg, self.step
         lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.min_lr)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # pretrained weights: make_optimizer's lr_scale
         alpha = self.alpha(step)
         if self.teacher is not None:
             self.teacher.update(self.model)  # before the student's forward (OTTER's order)
@@ -124,7 +163,7 @@ class Trainer:
         """Save the probe batch's logits and targets (every rank computes, rank 0 writes)."""
         self.model.eval()
         generator = torch.Generator().manual_seed(self.cfg.seed)  # the same PSD subset in every snapshot
-        result, out = self.forward_loss(self.model, self.probe, self.alpha(self.step), generator)
+        result, out = self.forward_loss(self.student, self.probe, self.alpha(self.step), generator)
         self.model.train()
         self.files.save_snapshot(self.step, {
             "step": self.step, "method": self.cfg.loss.method, "alpha": self.alpha(self.step),
@@ -186,15 +225,6 @@ class Trainer:
                 "checkpoint": str(self.files.checkpoint), "metrics": str(self.files.metrics)}
 
 
-def build_model(cfg: TrainConfig) -> DualEncoder:
-    model = create_model(cfg.model, cfg.pretrained_text, freeze_text=cfg.freeze_text,
-                         pretrained_image=cfg.pretrained_image, init_logit_scale=cfg.init_logit_scale,
-                         init_logit_scale_soft=cfg.init_logit_scale_soft)
-    # Only KD and OTTER use the second temperature; an unused trainable parameter would break DDP.
-    model.logit_scale_soft.requires_grad_(cfg.loss.method in ("kd", "otter"))
-    return model
-
-
 def _gather(x: torch.Tensor) -> torch.Tensor:
     """Concatenate a small tensor from every rank, in rank order (the order `method_loss` gathers)."""
     return gather_features(x, with_grad=False).cpu()
@@ -231,14 +261,28 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW or SGD; like open_clip, gains, biases and temperatures get no weight decay."""
-    decay, no_decay = [], []
+def make_optimizer(model: DualEncoder, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW or SGD; like open_clip, gains, biases and temperatures get no weight decay.
+
+    The trainable weights of an offline pretrained image backbone (`pdclip.towers.ImageBackbone`) get
+    their own groups with `lr_scale = cfg.pretrained_lr_scale`: `train_step` sets their lr to
+    `lr_scale` x the schedule's, so the new head moves fast without wiping the ImageNet features.
+    A trainable pretrained text backbone keeps the full rate, as in the study's recorded runs.
+    """
+    backbone = getattr(model.visual, "backbone", None)
+    pretrained = {id(p) for p in backbone.parameters()} if isinstance(backbone, ImageBackbone) else set()
+    decay, no_decay, pretrained_decay, pretrained_no_decay = [], [], [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             exempt = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
-            (no_decay if exempt else decay).append(p)
+            if id(p) in pretrained:
+                (pretrained_no_decay if exempt else pretrained_decay).append(p)
+            else:
+                (no_decay if exempt else decay).append(p)
     groups = [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": cfg.weight_decay}]
+    # Added only when present, so the checkpoints of runs without them keep resuming.
+    groups += [{"params": params, "weight_decay": wd, "lr_scale": cfg.pretrained_lr_scale}
+               for params, wd in ((pretrained_no_decay, 0.0), (pretrained_decay, cfg.weight_decay)) if params]
     # Fused kernels: about 3x faster steps on a CPU, where the 49408-token embedding dominates.
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, fused=True)
@@ -255,7 +299,9 @@ def fit(cfg: TrainConfig, eval_fn: EvalFn | None = None) -> dict:
     """
     created = init_distributed()
     try:
-        return Trainer(cfg, eval_fn).run()
+        trainer = Trainer(cfg, eval_fn)  # extracts cached features with every thread
+        with cpu_threads(1 if cfg.feature_cache and trainer.device.type == "cpu" else None):
+            return trainer.run()
     finally:
         if created:
             dist.destroy_process_group()
@@ -268,10 +314,13 @@ def default_eval_fn(cfg: TrainConfig) -> EvalFn:
     cache = {}
 
     def evaluate(model: DualEncoder, step: int) -> dict[str, float]:
-        if not cache:  # built on first use, at the model's image size
+        if not cache and cfg.feature_cache:  # the val split's backbone features, extracted on first use
+            cache["val"] = CachedFeatures(model, cfg.dataset, "val", cfg.data_kwargs, root=cfg.feature_cache_dir)
+        elif not cache:  # built on first use, at the model's image size
             cache["val"] = build_dataset(cfg.dataset, "val", **{"image_size": model.image_size, **cfg.data_kwargs})
         device = next(model.parameters()).device
-        return evaluate_model(model, cache, device=device, max_samples=cfg.eval_max_samples, linear_probe=False)
+        encoder = HeadsOnly(model, cache.values()) if cfg.feature_cache else model
+        return evaluate_model(encoder, cache, device=device, max_samples=cfg.eval_max_samples, linear_probe=False)
 
     return evaluate
 

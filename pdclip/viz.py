@@ -60,13 +60,35 @@ def plot_effective_robustness(
     ax.plot(grid, trend_accuracy(grid, slope, intercept), c="0.3", lw=1.5, label="baseline trend")
     ax.scatter(id_acc[is_base], shift_acc[is_base], c="0.5", marker="s", zorder=3, label="baselines")
     ax.scatter(id_acc[~is_base], shift_acc[~is_base], c="C3", zorder=3, label="models")
-    for x, y, name in zip(id_acc, shift_acc, names, strict=True):
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     _percent_logit_axes(ax, lo, hi)
+    annotate_without_overlap(ax, id_acc, shift_acc, names)
     ax.set_xlabel("in-distribution accuracy")
     ax.set_ylabel("shifted accuracy")
     ax.set_title(title)
     ax.legend(fontsize=8, loc="upper left")
+    return ax
+
+
+# Label positions tried in turn, in points from the marker: right/up first, then around it, then further out.
+_OFFSETS = [(5, 4), (5, -11), (-5, 4), (-5, -11), (5, 14), (5, -21), (-5, 14), (-5, -21), (5, 24), (5, -31)]
+
+
+def annotate_without_overlap(ax, xs: Sequence[float], ys: Sequence[float], names: Sequence[str], fontsize: int = 8):
+    """Label each point with its name, moving a label around its point until it overlaps no earlier label.
+
+    Greedy and deterministic: points are labelled from top to bottom, each at the first offset in
+    `_OFFSETS` whose box is clear (the last one if none is). Call it after the axes' limits are set.
+    """
+    placed = []
+    for k in sorted(range(len(names)), key=lambda i: -ys[i]):
+        for dx, dy in _OFFSETS:
+            label = ax.annotate(names[k], (xs[k], ys[k]), textcoords="offset points", xytext=(dx, dy),
+                                fontsize=fontsize, ha="left" if dx > 0 else "right")
+            box = label.get_window_extent().expanded(1.05, 1.1)
+            if not any(box.overlaps(other) for other in placed) or (dx, dy) == _OFFSETS[-1]:
+                placed.append(box)
+                break
+            label.remove()
     return ax
 
 
@@ -81,48 +103,84 @@ def _percent_logit_axes(ax, lo: float, hi: float) -> None:
         axis.set_ticks([], minor=True)
 
 
-def plot_matrix(matrix, ax=None, title: str = "", cmap: str = "viridis"):
+def _as_array(matrix) -> np.ndarray:
+    m = matrix.detach().float().cpu().numpy() if hasattr(matrix, "detach") else np.asarray(matrix, dtype=float)
+    if m.ndim != 2:
+        raise ValueError(f"plot_matrix needs a 2-D matrix, got shape {m.shape}")
+    return m
+
+
+def _norm(vmin: float | None, vmax: float | None, log: bool):
+    """A linear or logarithmic colour scale from `vmin` to `vmax` (None: the data's range)."""
+    from matplotlib.colors import LogNorm, Normalize
+
+    if log and (vmin is None or vmin <= 0):
+        raise ValueError("a log colour scale needs vmin > 0 (values below it are drawn at vmin)")
+    return LogNorm(vmin, vmax, clip=True) if log else Normalize(vmin, vmax)
+
+
+def plot_matrix(matrix, ax=None, title: str = "", cmap: str = "viridis", vmin: float | None = None,
+                vmax: float | None = None, log: bool = False, colorbar: bool = True, label: str = ""):
     """A heatmap of a `(B, B)` matrix: rows are images, columns captions.
 
     Args:
         matrix: a tensor or array, e.g. logits, targets or the true correspondence.
         ax: a matplotlib Axes, or None for a new figure.
+        vmin, vmax: the colour scale's ends (None: the matrix's own range). Give the same values to
+            matrices that are compared, or use `plot_matrices`, which does it for you.
+        log: a logarithmic colour scale (needs `vmin > 0`): small target mass stays visible.
+        colorbar: draw a colour bar beside the axes, titled `label`.
 
     Returns:
         The Axes.
     """
     ax = _new_axes(ax)
-    m = matrix.detach().float().cpu().numpy() if hasattr(matrix, "detach") else np.asarray(matrix, dtype=float)
-    if m.ndim != 2:
-        raise ValueError(f"plot_matrix needs a 2-D matrix, got shape {m.shape}")
+    m = _as_array(matrix)
     from matplotlib.ticker import MaxNLocator
 
-    image = ax.imshow(m, cmap=cmap, interpolation="nearest")
+    image = ax.imshow(m, cmap=cmap, norm=_norm(vmin, vmax, log), interpolation="nearest")
     for axis in (ax.xaxis, ax.yaxis):  # rows and columns are batch positions: integer ticks only
         axis.set_major_locator(MaxNLocator(integer=True))
-    ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    if colorbar:
+        ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label=label)
     ax.set_title(title)
     ax.set_xlabel("caption j")
     ax.set_ylabel("image i")
     return ax
 
 
-def plot_matrices(matrices: dict, axes=None, cmap: str = "viridis"):
+def plot_matrices(matrices: dict, axes=None, cmap: str = "viridis", vmin: float | None = None,
+                  vmax: float | None = None, log: bool = False, shared_scale: bool = True, label: str = ""):
     """Several `(B, B)` matrices side by side, e.g. `{"logits": ..., "targets": ..., "truth": ...}`.
+
+    By default they share one colour scale (from the smallest to the largest value of all of them,
+    unless `vmin`/`vmax` say otherwise) and one colour bar, so equal colours mean equal values.
 
     Args:
         matrices: title -> matrix.
         axes: a sequence of as many Axes, or None for a new figure.
+        vmin, vmax: the shared scale's ends (None: the range of all matrices).
+        log: a logarithmic colour scale (needs `vmin > 0`).
+        shared_scale: False gives each matrix its own scale and colour bar (e.g. logits beside targets).
+        label: the colour bar's title.
 
     Returns:
         The Axes, one per matrix.
     """
-    axes = _new_axes(axes, ncols=len(matrices), width=3.6, height=3.2)
+    axes = _new_axes(axes, ncols=len(matrices), width=3.4, height=3.2)
     axes = np.atleast_1d(axes)
     if len(axes) != len(matrices):
         raise ValueError(f"got {len(axes)} axes for {len(matrices)} matrices")
-    for ax, (title, matrix) in zip(axes, matrices.items(), strict=True):
-        plot_matrix(matrix, ax=ax, title=title, cmap=cmap)
+    arrays = {title: _as_array(m) for title, m in matrices.items()}
+    if shared_scale:
+        vmin = min(a.min() for a in arrays.values()) if vmin is None else vmin
+        vmax = max(a.max() for a in arrays.values()) if vmax is None else vmax
+    for ax, (title, m) in zip(axes, arrays.items(), strict=True):
+        plot_matrix(m, ax=ax, title=title, cmap=cmap, vmin=vmin, vmax=vmax, log=log,
+                    colorbar=not shared_scale, label=label)
+    if shared_scale:
+        axes[0].figure.colorbar(axes[-1].images[-1], ax=list(axes), fraction=0.046 / len(axes) ** 0.5,
+                                pad=0.02, label=label)
     return axes
 
 
@@ -148,6 +206,7 @@ def plot_training_curves(
     title: str = "",
     logy: bool = False,
     smooth: int = 1,
+    ylabel: str | None = None,
 ):
     """Curves of logged values against `x`; records missing a key are skipped for that curve.
 
@@ -156,6 +215,7 @@ def plot_training_curves(
         keys: the logged values to draw.
         ax: a matplotlib Axes, or None for a new figure.
         smooth: a trailing moving average over this many records (per-step losses are noisy).
+        ylabel: the y axis' label; None names the one key drawn (and the smoothing), or "value".
 
     Returns:
         The Axes.
@@ -177,6 +237,9 @@ def plot_training_curves(
         ax.set_yscale("log")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(x)
+    if ylabel is None:
+        ylabel = (keys[0] if len(keys) == 1 else "value") + (f" (mean of {smooth})" if smooth > 1 else "")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=8)
     return ax

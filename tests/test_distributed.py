@@ -12,6 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 from pdclip.config import METHODS, LossConfig
 from pdclip.distributed import gather_features, world
 from pdclip.methods import method_loss
+from pdclip.positives import caption_keys
 
 B_GLOBAL, D_IN, D = 8, 6, 5
 
@@ -34,7 +35,11 @@ def make_problem():
     return student, teacher, x_img, x_txt
 
 
-def loss_and_grads(method: str, rank: int, world_size: int, wrap_ddp: bool):
+# Pairs 1 and 6 (on different ranks) and 2 and 3 share a caption: equality is decided on the global batch.
+CAPTIONS = ["a", "the city", "untitled", "Untitled ", "b", "c", "the  city", "d"]
+
+
+def loss_and_grads(method: str, rank: int, world_size: int, wrap_ddp: bool, multi_positive: bool = False):
     student, teacher, x_img, x_txt = make_problem()
     model = DistributedDataParallel(student) if wrap_ddp else student
     rows = slice(rank * B_GLOBAL // world_size, (rank + 1) * B_GLOBAL // world_size)
@@ -42,9 +47,10 @@ def loss_and_grads(method: str, rank: int, world_size: int, wrap_ddp: bool):
     with torch.no_grad():
         t_img, t_txt = teacher(x_img[rows], x_txt[rows])
     out = method_loss(
-        LossConfig(method=method), img, txt, torch.tensor(10.0),
+        LossConfig(method=method, multi_positive=multi_positive), img, txt, torch.tensor(10.0),
         logit_scale_soft=torch.tensor(30.0), teacher_image_features=t_img, teacher_text_features=t_txt,
-        alpha=0.5, generator=torch.Generator().manual_seed(7),
+        teacher_logit_scale=torch.tensor(12.0), alpha=0.5, generator=torch.Generator().manual_seed(7),
+        caption_keys=caption_keys(CAPTIONS[rows]),
     )
     out.loss.backward()
     grads = {k: p.grad.clone() for k, p in student.named_parameters()}
@@ -62,6 +68,7 @@ def worker(rank: int, world_size: int, port: int, path: str):
         results = {"gather": gathered.detach(), "gather_grad": x.grad}
         for method in METHODS:
             results[method] = loss_and_grads(method, rank, world_size, wrap_ddp=True)
+            results[f"{method}-multi"] = loss_and_grads(method, rank, world_size, wrap_ddp=True, multi_positive=True)
         torch.save(results, f"{path}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -87,11 +94,14 @@ def test_gather_concatenates_in_rank_order_and_routes_gradients(two_rank_results
         assert torch.equal(res["gather_grad"], torch.full((2, 3), 2.0)), r
 
 
+@pytest.mark.parametrize("multi_positive", [False, True], ids=["one-hot", "multi-positive"])
 @pytest.mark.parametrize("method", METHODS)
-def test_two_processes_match_one_process(two_rank_results, method):
-    loss_1, grads_1, targets_1 = loss_and_grads(method, rank=0, world_size=1, wrap_ddp=False)
+def test_two_processes_match_one_process(two_rank_results, method, multi_positive):
+    loss_1, grads_1, targets_1 = loss_and_grads(method, 0, 1, wrap_ddp=False, multi_positive=multi_positive)
+    if multi_positive and method == "clip":  # the cross-rank duplicate is a positive of both pairs
+        assert targets_1[1, 6] > 0 and targets_1[6, 1] > 0
     for res in two_rank_results:
-        loss_2, grads_2, targets_2 = res[method]
+        loss_2, grads_2, targets_2 = res[f"{method}-multi" if multi_positive else method]
         torch.testing.assert_close(loss_2, loss_1)
         torch.testing.assert_close(targets_2, targets_1)  # targets see the global batch
         for name in grads_1:  # DDP averages; the all-gather's backward sums: together, the full-batch gradient

@@ -57,7 +57,7 @@ def test_frozen_text_tower_trains_only_its_projection():
     model.train()
     assert not model.text.backbone.training  # dropout stays off in a frozen encoder
     trainable = {n for n, p in model.text.named_parameters() if p.requires_grad}
-    assert trainable == {"proj.weight"}
+    assert trainable == {"head.weight"}
     model.encode_text(model.tokenize(["a red circle"])).sum().backward()
-    assert model.text.proj.weight.grad is not None
+    assert model.text.head.weight.grad is not None
     assert all(p.grad is None for p in model.text.backbone.parameters())

@@ -33,9 +33,11 @@ def test_quick_grid_is_noise_by_method_by_seed_seed_major():
 
 def test_full_grid_runs_shared_cells_once():
     cells = study.expand(study.PRESETS["full"])
-    # noise 75 + size 2 new sizes x 15 + pretrained 15 + clip art 15 + 7 new PSD variants x 3
+    # noise 75 + size 2 new sizes x 15 + pretrained 15 + clip art 15 + (6 + teachers) new PSD variants x 3
     # + 1 new OTTER variant x 2 settings x 3
-    assert len(cells) == 75 + 30 + 15 + 15 + 21 + 6 == len({c["id"] for c in cells})
+    psd_variants = 3 * (6 + len(study.PSD_TEACHER_VARIANTS))
+    assert len(cells) == 75 + 30 + 15 + 15 + psd_variants + 6 == len({c["id"] for c in cells})
+    assert study.PSD_REWEIGHTED_CLIP in [c["variant"] for c in cells]  # the degenerate control
     shared = next(c for c in cells if c["id"] == "synthetic-scratch-nu0.4-n2000-psd-seed0")
     assert shared["experiments"] == ["noise", "size", "pretrained", "psd_ablation"]
     assert all(c["noise"] is None for c in cells if c["dataset"] == "clipart")

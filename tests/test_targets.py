@@ -87,7 +87,7 @@ def test_otter_puts_almost_no_mass_on_the_diagonal(features):
 def test_kd_follows_teacher_similarity(features):
     img, txt = features(B)
     y_i2t, y_t2i = kd_targets(img, txt, tau=100.0)
-    assert (y_i2t.argmax(-1) == torch.arange(B)).float().mean() > 0.9  # S_vv + S_tt peak on the diagonal
+    assert (y_i2t.argmax(-1) == torch.arange(B)).float().mean() > 0.9  # S_II + S_TT peak on the diagonal
     assert torch.allclose(y_t2i, kd_targets(txt, img)[0])  # swapping modalities swaps directions
 
 
@@ -123,8 +123,8 @@ def test_sinkhorn_matches_pot(shape, n_iters):
 
 def test_sinkhorn_matches_pot_on_otter_cost(features):
     img, txt = features(16)
-    s_vv, s_tt, s_vt = img @ img.T, txt @ txt.T, img @ txt.T
-    cost = -((s_vv - 100 * torch.eye(16)) + (s_tt - 100 * torch.eye(16)) + s_vt)
+    s_ii, s_tt, s_it = img @ img.T, txt @ txt.T, img @ txt.T
+    cost = -((s_ii - 100 * torch.eye(16)) + (s_tt - 100 * torch.eye(16)) + s_it)
     # POT's linear domain underflows on this cost, so compare where it is still finite: epsilon 0.5.
     torch.testing.assert_close(sinkhorn(cost, 0.5, 5).double(), pot_plan(cost, 0.5, 5), rtol=1e-4, atol=1e-7)
 
@@ -174,7 +174,8 @@ def test_method_loss_runs_and_reports_parts(features, method):
     t_img, t_txt = features(B, seed=5)
     out = method_loss(
         LossConfig(method=method), img, txt, torch.tensor(14.0),
-        logit_scale_soft=torch.tensor(49.4), teacher_image_features=t_img, teacher_text_features=t_txt, alpha=0.3,
+        logit_scale_soft=torch.tensor(49.4), teacher_image_features=t_img, teacher_text_features=t_txt,
+        teacher_logit_scale=torch.tensor(10.0), alpha=0.3,
     )
     out.loss.backward()
     assert torch.isfinite(out.loss) and img.grad is not None

@@ -56,3 +56,33 @@ def test_training_curves_from_jsonl(tmp_path):
     np.testing.assert_allclose(smoothed[:3], [4.0, 3.0, (4 + 2 + 4 / 3) / 3])
     with pytest.raises(ValueError, match="no record"):
         viz.plot_training_curves(rows, keys=("accuracy",))
+
+
+def test_compared_matrices_share_one_colour_scale(tmp_path):
+    soft, hard = np.full((4, 4), 0.25), np.eye(4)
+    axes = viz.plot_matrices({"soft": soft, "hard": hard}, label="target mass")
+    assert [ax.images[0].get_clim() for ax in axes] == [(0.0, 1.0)] * 2  # equal colours, equal values
+    assert len(axes[0].figure.axes) == 3  # two panels and one colour bar
+    axes = viz.plot_matrices({"soft": soft, "hard": hard}, log=True, vmin=1e-3, vmax=1)
+    assert axes[1].images[0].norm.vmin == 1e-3 and saved(axes[0].figure, tmp_path / "log.png")
+    axes = viz.plot_matrices({"logits": 10 * hard, "targets": soft}, shared_scale=False)
+    assert axes[0].images[0].get_clim() != axes[1].images[0].get_clim() and len(axes[0].figure.axes) == 4
+    with pytest.raises(ValueError, match="vmin > 0"):
+        viz.plot_matrix(hard, log=True)
+
+
+def test_point_labels_do_not_overlap(tmp_path):
+    names = ["clip", "clip 60", "psd", "otter", "ls", "kd"]
+    id_acc = [0.30, 0.31, 0.305, 0.50, 0.302, 0.60]  # four points in a clump
+    shift_acc = [0.20, 0.205, 0.21, 0.35, 0.202, 0.40]
+    ax = viz.plot_effective_robustness(id_acc, shift_acc, names, baselines=["clip", "clip 60", "otter"])
+    boxes = [t.get_window_extent() for t in ax.texts]
+    assert len(boxes) == len(names)
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    assert saved(ax.figure, tmp_path / "labels.png")
+
+
+def test_training_curves_have_a_y_label():
+    rows = [{"step": s, "loss": 1.0 / (s + 1)} for s in range(5)]
+    assert viz.plot_training_curves(rows, smooth=2).get_ylabel() == "loss (mean of 2)"
+    assert viz.plot_training_curves(rows, ylabel="CLIP loss").get_ylabel() == "CLIP loss"

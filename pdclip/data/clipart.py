@@ -16,6 +16,9 @@ needed) and decodes every PNG once into a cache at the working resolution. Decis
   together with their images, so every kept image has a class.
 * Split by image: the first 8 hex digits of md5(relative path) / 2^32: < 0.8 train, < 0.9 val,
   else test. Fixed by the file name, independent of seed, order and machine.
+* Caption noise (`caption_noise`, like the synthetic source's `p_mismatch`): a seeded fraction of
+  the *training* captions is replaced by the caption of another training image. Val and test ignore
+  the knob (they are identical whatever it is), so evaluation stays clean.
 """
 
 from __future__ import annotations
@@ -164,6 +167,18 @@ def caption(relpath: str) -> str:
     return f"{title} ({', '.join(f.replace('_', ' ') for f in folders)})"
 
 
+def mismatch_captions(texts: list[str], p: float, seed: int) -> tuple[list[str], np.ndarray]:
+    """Give a seeded fraction `p` of the captions to other images: caption `i` becomes that of a
+    random other image. Returns the new captions and `(N,)` bool, True where one moved."""
+    rng = np.random.default_rng(seed)
+    n = len(texts)
+    moved = rng.random(n) < p if n > 1 else np.zeros(n, dtype=bool)
+    noisy = list(texts)
+    for i in np.flatnonzero(moved):
+        noisy[i] = texts[(i + 1 + rng.integers(n - 1)) % n]  # any image but this one
+    return noisy, moved
+
+
 class ClipArt(Dataset):
     """OpenClipart drawings with captions from their file names and classes from their folders.
 
@@ -174,15 +189,26 @@ class ClipArt(Dataset):
         cache_size: resolution of the decoded cache to use (built on first use if missing).
         level: category level of the classes (1 or 2); min_per_class: smaller classes are dropped.
         augment: random shifts on the images; default only for "train".
+        caption_noise: fraction of training captions given to another training image (ignored by
+            "val" and "test"); noise_seed: seeds which captions move and where.
+
+    Attributes:
+        texts: the caption of each sample (noisy on "train"); clean_texts: before the noise.
+        mismatched: `(N,)` bool, True where `texts[i]` was written for another image.
     """
+
+    # Knobs that change only the captions: the feature cache's image key leaves them out.
+    caption_only_kwargs = ("caption_noise", "noise_seed")
 
     def __init__(self, split: str = "train", root: str | Path = DEFAULT_ROOT, image_size: int = 64,
                  cache_size: int = 64, level: int = 1, min_per_class: int = 30,
-                 augment: bool | None = None) -> None:
+                 augment: bool | None = None, caption_noise: float = 0.0, noise_seed: int = 0) -> None:
         if split not in SPLIT_RANGES:
             raise ValueError(f"clipart split must be one of {tuple(SPLIT_RANGES)}, got {split!r}")
         if level not in (1, 2):
             raise ValueError(f"level must be 1 or 2, got {level}")
+        if not 0.0 <= caption_noise <= 1.0:
+            raise ValueError(f"caption_noise must be in [0, 1], got {caption_noise}")
         root = Path(root)
         npy, meta_path = cache_paths(root, cache_size)
         if not (npy.exists() and meta_path.exists()) and not fetch(root, cache_size):
@@ -198,7 +224,9 @@ class ClipArt(Dataset):
         self.images = np.load(npy, mmap_mode="r")
         self.rows = np.array(rows, dtype=np.int64)
         self.paths = [meta["paths"][i] for i in rows]
-        self.texts = [caption(p) for p in self.paths]
+        self.clean_texts = [caption(p) for p in self.paths]
+        self.texts, self.mismatched = mismatch_captions(self.clean_texts, caption_noise if split == "train" else 0.0,
+                                                        noise_seed)
         self.labels = torch.tensor([lookup[cats[i]] for i in rows], dtype=torch.long)
         self.transform = split_transform(image_size, split, augment)
 

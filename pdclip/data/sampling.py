@@ -59,7 +59,11 @@ class GlobalBatchSampler(Sampler):
 
 def make_batches(dataset: Dataset, batch_size: int, seed: int, num_workers: int, rank: int, world_size: int,
                  start_step: int):
-    """An endless iterator of this rank's collated batches from `start_step` on (`batch_size` is global)."""
+    """An endless iterator of this rank's collated batches from `start_step` on (`batch_size` is global).
+
+    A dataset with `get_batch(keys)` (`pdclip.features.CachedFeatures`) gets the sampler's `(epoch, index)`
+    keys a batch at a time: one array lookup per batch, no DataLoader and no per-sample work.
+    """
     if batch_size % world_size:
         raise ValueError(f"batch_size={batch_size} must be divisible by the {world_size} processes")
     common = {"collate_fn": collate, "num_workers": num_workers, "pin_memory": torch.cuda.is_available()}
@@ -67,6 +71,9 @@ def make_batches(dataset: Dataset, batch_size: int, seed: int, num_workers: int,
         loader = DataLoader(dataset, batch_size=batch_size // world_size, drop_last=True, **common)
     else:
         sampler = GlobalBatchSampler(len(dataset), batch_size, rank, world_size, seed, start_step)
+        if hasattr(dataset, "get_batch"):
+            yield from map(dataset.get_batch, sampler)  # the sampler never ends
+            return
         loader = DataLoader(SeededSamples(dataset, seed), batch_sampler=sampler, **common)
     while True:
         yield from loader
@@ -82,5 +89,8 @@ def probe_batch(dataset: Dataset, size: int, seed: int, rank: int, world_size: i
     if size > len(dataset):
         raise ValueError(f"snapshot_size={size} exceeds the dataset's {len(dataset)} samples")
     chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:size]
+    keys = [(-1, i) for i in chosen[rank * local:(rank + 1) * local].tolist()]
+    if hasattr(dataset, "get_batch"):
+        return dataset.get_batch(keys)
     samples = SeededSamples(dataset, seed)
-    return collate([samples[(-1, i)] for i in chosen[rank * local:(rank + 1) * local].tolist()])
+    return collate([samples[key] for key in keys])

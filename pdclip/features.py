@@ -1,0 +1,338 @@
+"""Frozen towers, features once: a disk cache of backbone outputs, so training runs only the heads.
+
+With both pretrained towers frozen (`create_model(..., freeze_text=True, freeze_image=True)`), each
+tower's backbone gives the same `(N, F)` features at every step. `CachedFeatures` computes them once
+per key and stores `<root>/<name>-<digest>.npy` (float32) beside `.json` (the full key); reads are
+memory-mapped, so a run holds only the rows of its batch (Binder has about 2 GB).
+
+The key is everything that changes the numbers:
+
+* image features: the backbone's name and a sha256 of its state (the exact weights), the resolution,
+  the dataset, every data keyword that can change images (a source's `caption_only_kwargs`, e.g. clip
+  art's caption noise, are left out), the split, its size, the view, and a hash of its first image;
+* text features (one row per unique caption): the text backbone's name and state hash, and a hash
+  of the split's captions (so caption noise, whatever knob made it, is in the key).
+
+A new key is a new file: a miss extracts (progress bar, then its time and images/s) and writes
+atomically (tmp + `os.replace`, the `.json` last). A file whose `.json` holds another key, whose
+shape is wrong, or that is truncated raises `FeatureCacheError` naming the file and the problem;
+nothing stale is ever read. Delete `<root>` to start afresh.
+
+Views: view 0 is the unaugmented split. `views=K` adds `K - 1` augmented views (view v applies the
+split's training augmentation seeded by `(v, index)`); epoch e of training reads view `e % K`. The
+default `K = 1` trains on unaugmented features: every view costs one extraction.
+
+Training (`TrainConfig.feature_cache`): batches are `{"image_raw": (B, F), "text_raw": (B, F_t),
+"text", "index", "label"}` and `HeadsOnly(model)` runs only the towers' heads on them: the same
+`fit` -> `method_loss` path, teacher, snapshots and checkpoints as a run through the full towers
+(`fit` runs that loop on one CPU thread, see `cpu_threads`). Evaluation reads the same way: the
+periodic one on the val split's cache, `python -m pdclip.evaluate --feature-cache` on each split's;
+the numbers equal the full towers' (tests/test_features.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from pdclip.checkpoint import atomic_write_json
+from pdclip.data import build_dataset, collate
+from pdclip.data.sampling import SeededSamples
+
+VERSION = 1  # part of every key: bump when extraction or the file layout changes
+DEFAULT_ROOT = Path(os.environ.get("PDCLIP_FEATURE_CACHE", Path(__file__).resolve().parents[1] / ".cache" / "features"))
+
+
+class FeatureCacheError(ValueError):
+    """A cache file that cannot be trusted (other settings, wrong shape, truncated) or a model
+    whose towers cannot be cached (no backbone/head split, trainable backbone)."""
+
+
+def state_sha256(module: nn.Module) -> str:
+    """sha256 of a module's state (names, dtypes, shapes and bytes): its exact weights."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def backbones(model: nn.Module) -> dict[str, nn.Module]:
+    """`{"image": ..., "text": ...}`: the frozen backbones of a dual encoder's two towers.
+
+    Raises:
+        FeatureCacheError: a tower has no `backbone` + `head` split (not a pretrained tower), or its
+            backbone has trainable parameters (e.g. `trainable_blocks > 0`): its features would change.
+    """
+    out = {}
+    for kind, attr in (("image", "visual"), ("text", "text")):
+        tower = getattr(model, attr)
+        if not (hasattr(tower, "backbone") and hasattr(tower, "head")):
+            raise FeatureCacheError(f"the feature cache needs pretrained towers with a backbone and a head; the "
+                                    f"{kind} tower ({type(tower).__name__}) has none (set pretrained_{kind})")
+        trainable = sum(p.numel() for p in tower.backbone.parameters() if p.requires_grad)
+        if trainable:
+            raise FeatureCacheError(f"the feature cache needs a frozen {kind} backbone; it has {trainable:,} trainable "
+                                    "parameters (freeze it, trainable_blocks=0, or train without the cache)")
+        out[kind] = tower.backbone
+    return out
+
+
+def _digest(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _tower_key(backbone: nn.Module) -> dict:
+    return {"version": VERSION, "tower": getattr(backbone, "name", type(backbone).__name__),
+            "weights_sha256": state_sha256(backbone)}
+
+
+def cached_array(root: Path, name: str, key: dict, rows: int, chunks: Iterator[Tensor], unit: str) -> np.ndarray:
+    """The `(rows, F)` float32 array stored under `key`, memory-mapped; extracted from `chunks` on a miss.
+
+    Args:
+        root: the cache folder; name: a readable file-name prefix (the key's digest follows it).
+        key: everything the numbers depend on (JSON data, the backbone's weights included, so they
+            fix `F`); it is stored in the `.json`.
+        rows: `N`, the number of rows the array must have.
+        chunks: `(b, F)` tensors in row order; only consumed on a miss.
+        unit: what a row is ("img", "caption"), for the progress bar.
+
+    Raises:
+        FeatureCacheError: the stored file has another key, another shape, or is truncated.
+    """
+    path = Path(root) / f"{name}-{_digest(key)[:16]}.npy"
+    meta = path.with_suffix(".json")
+    if meta.is_file():
+        print(f"feature cache: reading {path}")
+        return _open(path, meta, key, rows)
+    print(f"feature cache miss: extracting {rows:,} {unit} -> {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp, out, row, tic = path.with_name(path.name + ".tmp"), None, 0, time.perf_counter()
+    with tqdm(total=rows, unit=unit, desc=f"extract {name}") as bar:
+        for chunk in chunks:
+            if out is None:  # F is known from the first chunk
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(rows, chunk.shape[1]))
+            out[row:row + len(chunk)] = chunk.float().cpu().numpy()
+            row += len(chunk)
+            bar.update(len(chunk))
+    if row != rows:
+        raise RuntimeError(f"extraction of {name} gave {row} rows, expected {rows}")
+    out.flush()
+    shape = out.shape
+    del out
+    os.replace(tmp, path)
+    atomic_write_json({"key": key, "shape": list(shape), "dtype": "float32"}, meta)  # last: marks it complete
+    seconds = time.perf_counter() - tic
+    print(f"extracted {name}: {rows:,} {unit} in {seconds:.1f} s ({rows / seconds:.0f} {unit}/s)")
+    return _open(path, meta, key, rows)
+
+
+def _open(path: Path, meta: Path, key: dict, rows: int) -> np.ndarray:
+    """Memory-map a finished cache file after checking its key, shape and size."""
+    fix = f"delete {path} and {meta.name} to rebuild it"
+    try:
+        stored = json.loads(meta.read_text())
+    except json.JSONDecodeError as e:
+        raise FeatureCacheError(f"feature cache {meta} is corrupt ({e}); {fix}") from e
+    if stored.get("key") != key:
+        theirs = stored.get("key") or {}
+        differ = sorted(k for k in key.keys() | theirs.keys() if key.get(k) != theirs.get(k))
+        raise FeatureCacheError(f"feature cache {path} was made for other settings (its key differs in {differ}); {fix}")
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as e:  # numpy: "mmap length is greater than file size" when truncated
+        raise FeatureCacheError(f"feature cache {path} is truncated or corrupt ({e}); {fix}") from e
+    if array.ndim != 2 or len(array) != rows or array.dtype != np.float32 or list(array.shape) != stored.get("shape"):
+        raise FeatureCacheError(f"feature cache {path} holds {array.dtype} {array.shape}, expected float32 "
+                                f"({rows}, F) as its .json says ({stored.get('shape')}); {fix}")
+    return array
+
+
+@torch.no_grad()
+def _backbone_chunks(backbone: nn.Module, batches: Iterable, device: torch.device) -> Iterator[Tensor]:
+    """`backbone(x)` for every input in `batches`, in eval mode (frozen BatchNorm, no dropout)."""
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        for x in batches:
+            yield backbone(x.to(device))
+    finally:
+        backbone.train(was_training)
+
+
+class CachedFeatures:
+    """The backbone features of one dataset split, extracted once and memory-mapped.
+
+    Indexed like `pdclip.data.sampling.SeededSamples`, by `(epoch, index)` keys: `get_batch(keys)`
+    gives `{"image_raw": (B, F), "text_raw": (B, F_t), "text": list[str], "index": (B,), "label": (B,)}`
+    from epoch `e`'s view `e % views`, with no per-sample loading. Attributes it lacks come from the
+    source dataset (`zeroshot_tasks`, `retrieval_captions`, `true_correspondence`), so
+    `pdclip.evaluate` reads it like the dataset itself (with `HeadsOnly` as the model).
+
+    Args:
+        model: a dual encoder with frozen pretrained towers (`backbones(model)` must accept it).
+        dataset, split, data_kwargs: as for `pdclip.data.build_dataset` (`image_size` is the model's;
+            `augment` is the cache's business: view 0 is unaugmented, views 1.. augmented).
+        views: `K`, the number of image views of the split (see the module docstring).
+        root: the cache folder (`DEFAULT_ROOT`: the repository's `.cache/features`, or
+            `$PDCLIP_FEATURE_CACHE`).
+        batch_size: images / captions per backbone call while extracting.
+    """
+
+    def __init__(self, model: nn.Module, dataset: str, split: str, data_kwargs: dict | None = None, *,
+                 views: int = 1, root: str | Path | None = None, batch_size: int = 64):
+        if views < 1:
+            raise ValueError(f"views must be >= 1, got {views}")
+        towers = backbones(model)
+        device = next(model.parameters()).device
+        root = DEFAULT_ROOT if root is None else Path(root)
+        kwargs = {k: v for k, v in (data_kwargs or {}).items() if k not in ("augment", "image_size")}
+        self.source = build_dataset(dataset, split, image_size=model.image_size, augment=False, **kwargs)
+        texts, n = getattr(self.source, "texts", None), len(self.source)
+        if texts is None:
+            raise FeatureCacheError(f"the feature cache needs a map-style dataset with `.texts`; {dataset!r} has none")
+        self.texts, self.views = list(texts), views
+
+        # Images: the key leaves out knobs that only touch captions.
+        caption_only = getattr(type(self.source), "caption_only_kwargs", ())
+        image_kwargs = {k: v for k, v in kwargs.items() if k not in caption_only}
+        first = self.source[0]["image"].contiguous().numpy().tobytes()
+        image_key = {**_tower_key(towers["image"]), "image_size": model.image_size, "dataset": dataset,
+                     "data_kwargs": json.loads(json.dumps(image_kwargs, sort_keys=True, default=str)),
+                     "split": split, "n": n, "first_image_sha256": hashlib.sha256(first).hexdigest()}
+        self.images = []
+        for view in range(views):
+            batches = (b["image"] for b in self._view_batches(dataset, split, kwargs, view, model.image_size, batch_size))
+            name = f"{dataset}-{split}-{image_key['tower']}-{model.image_size}px-view{view}"
+            self.images.append(cached_array(root, name, {**image_key, "view": view}, n,
+                                            _backbone_chunks(towers["image"], batches, device), "img"))
+
+        # Captions: one row per unique caption.
+        unique = sorted(set(self.texts))
+        text_key = {**_tower_key(towers["text"]), "context_length": getattr(model.text, "context_length", None),
+                    "dataset": dataset, "split": split, "n": len(unique), "captions_sha256": _digest(unique)}
+        tokens = (model.tokenize(unique[s:s + batch_size]) for s in range(0, len(unique), batch_size))
+        self.text_features = cached_array(root, f"{dataset}-{split}-{text_key['tower']}-captions", text_key,
+                                          len(unique), _backbone_chunks(towers["text"], tokens, device), "caption")
+        row = {t: i for i, t in enumerate(unique)}
+        self.text_rows = np.array([row[t] for t in self.texts], dtype=np.int64)
+        labels = getattr(self.source, "labels", None)
+        self.labels = None if labels is None else torch.as_tensor(labels)
+
+    def _view_batches(self, dataset: str, split: str, kwargs: dict, view: int, image_size: int,
+                      batch_size: int) -> DataLoader:
+        """Collated batches of view `view`: the unaugmented split, or its seeded augmentation."""
+        if view == 0:
+            return DataLoader(self.source, batch_size=batch_size, collate_fn=collate)
+        augmented = build_dataset(dataset, split, image_size=image_size, augment=True, **kwargs)
+        keys = [(view, i) for i in range(len(augmented))]
+        return DataLoader(SeededSamples(augmented, seed=0), batch_size=batch_size, sampler=keys, collate_fn=collate)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getattr__(self, name: str):
+        if name == "source":  # not set yet (during __init__): no recursion
+            raise AttributeError(name)
+        return getattr(self.source, name)
+
+    def get_batch(self, keys: list[tuple[int, int]]) -> dict:
+        """The batch of `(epoch, index)` keys (one epoch per batch, as `GlobalBatchSampler` yields)."""
+        epoch = keys[0][0]
+        index = np.array([i for _, i in keys], dtype=np.int64)
+        if np.any((index < 0) | (index >= len(self))):
+            raise IndexError(f"indices out of range for {len(self)} samples: {index[(index < 0) | (index >= len(self))][:5]}")
+        batch = {"image_raw": torch.from_numpy(self.images[epoch % self.views][index]),
+                 "text_raw": torch.from_numpy(self.text_features[self.text_rows[index]]),
+                 "text": [self.texts[i] for i in index.tolist()], "index": torch.from_numpy(index)}
+        if self.labels is not None:
+            batch["label"] = self.labels[index]
+        return batch
+
+    def caption_features(self) -> dict[str, np.ndarray]:
+        """`{caption: (F_t,) backbone features}` for every caption of the split."""
+        return {t: self.text_features[r] for t, r in zip(self.texts, self.text_rows.tolist(), strict=True)}
+
+
+@contextmanager
+def cpu_threads(n: int | None) -> Iterator[None]:
+    """Run the block with `n` intra-op CPU threads (`None`: as they are), then restore the count.
+
+    Training on cached features leaves only the heads' small matmuls: one thread runs them in about
+    10 ms a step at batch 128, while two threads on a busy shared 2-core CPU wait on each other for
+    about 200 ms (measured with `frozen_cpu`, 2026-11-28).
+    """
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class HeadsOnly(nn.Module):
+    """A dual encoder with frozen backbones, seen through its heads: it takes backbone features.
+
+    The interface of `pdclip.models.DualEncoder` (`tokenize`, `encode_image`, `encode_text`,
+    `forward`, `scales`, `image_size`), so the training loop, its teachers and `pdclip.evaluate` run
+    it as they run the model; its parameters are the model's (a DDP wrapper syncs the heads' gradients,
+    the frozen backbones have none).
+
+    Args:
+        model: the dual encoder (kept, not copied: training it through this view trains it).
+        captions: `CachedFeatures` whose caption features `tokenize` looks up before running the
+            frozen text backbone (zero-shot prompts, other captions: computed once, then remembered).
+    """
+
+    def __init__(self, model: nn.Module, captions: Iterable[CachedFeatures] = ()):
+        super().__init__()
+        backbones(model)  # checks the towers
+        self.model = model
+        self.known: dict[str, np.ndarray] = {}
+        for c in captions:
+            self.known.update(c.caption_features())
+
+    @property
+    def image_size(self) -> int:
+        return self.model.image_size
+
+    def scales(self) -> tuple[Tensor, Tensor]:
+        return self.model.scales()
+
+    @torch.no_grad()
+    def tokenize(self, texts: list[str]) -> Tensor:
+        """Text backbone features `(B, F_t)` on the CPU: cached where known, else computed (and kept)."""
+        missing = sorted(set(texts) - self.known.keys())
+        backbone = self.model.text.backbone
+        tokens = (self.model.tokenize(missing[s:s + 64]) for s in range(0, len(missing), 64))
+        features = _backbone_chunks(backbone, tokens, next(backbone.parameters()).device)
+        self.known.update(zip(missing, (row for chunk in features for row in chunk.cpu().numpy()), strict=True))
+        return torch.from_numpy(np.stack([self.known[t] for t in texts]))
+
+    def encode_image(self, image_raw: Tensor) -> Tensor:
+        """Image backbone features `(B, F)` -> L2-normalised `(B, D)`: the image head only."""
+        return F.normalize(self.model.visual.head(image_raw), dim=-1)
+
+    def encode_text(self, text_raw: Tensor) -> Tensor:
+        """Text backbone features `(B, F_t)` -> L2-normalised `(B, D)`: the text head only."""
+        return F.normalize(self.model.text.head(text_raw), dim=-1)
+
+    def forward(self, image_raw: Tensor, text_raw: Tensor) -> dict[str, Tensor]:
+        """`DualEncoder.forward` on backbone features: both heads and both multipliers."""
+        scale, scale_soft = self.model.scales()
+        return {"image_features": self.encode_image(image_raw), "text_features": self.encode_text(text_raw),
+                "logit_scale": scale, "logit_scale_soft": scale_soft}
