@@ -1,32 +1,39 @@
-"""Training throughput: pdclip's loop next to open_clip's own, and each method's cost relative to CLIP.
+"""Training throughput: pdclip's loop next to open_clip's own, and each method's step relative to CLIP's.
 
     python benchmarks/train_throughput.py                       # CPU: pdclip-vit-tiny, 64 px, fp32
     python benchmarks/train_throughput.py --model RN50 --batch-size 256 --workers 8   # GPU: 224 px, AMP
 
-1. The same model config, batch size, precision and worker count trained by `python -m pdclip.train
-   --method clip` and by `python -m open_clip_train.main --dataset-type synthetic` (one subprocess
-   each). Both report per-step samples/s including data loading; we print the medians after a
-   warm-up. The data differ in cost: pdclip renders its synthetic scenes, open_clip transforms one
-   blank image, so the ratio is a lower bound on the loop itself.
-2. Every method with pdclip's loop: median step time and its ratio to CLIP's (PSD should cost
-   about nothing extra; KD and OTTER pay one teacher forward and the EMA update).
+1. The same model config, batch size, precision, worker and thread count trained by `python -m
+   pdclip.train --method clip` and by `python -m open_clip_train.main --dataset-type synthetic` (one
+   subprocess each, alternated for `--rounds` rounds). Both report per-step samples/s including data
+   loading; we print the medians after a warm-up. The data differ in cost: pdclip renders its synthetic
+   scenes, open_clip transforms one blank image, so the ratio is a lower bound on the loop itself.
+2. Every method (and PSD with each kind of teacher) with pdclip's `Trainer`, all built in this process
+   and stepped in turn on the same pre-loaded batches (clip, ls, ..., clip, ls, ...): median step time
+   and its ratio to CLIP's, side by side. PSD with a free teacher ("self", "intra") should cost about
+   nothing extra; KD, OTTER and PSD's "ema" pay one teacher forward and the EMA update.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import os
 import re
 import statistics
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+from loss_overhead import VARIANTS, interleaved_medians
 
-from pdclip.config import METHODS
+from pdclip.config import TrainConfig
 from pdclip.models import CONFIG_DIR
+from pdclip.train import Trainer
 
 OPEN_CLIP_PRECISION = {"fp32": "fp32", "bf16": "amp_bf16", "fp16": "amp"}
 RUN_OPEN_CLIP = ("import sys, open_clip; open_clip.add_model_config(sys.argv[1]); "
@@ -39,6 +46,11 @@ def median_after_warmup(values: list[float], warmup: int) -> float:
     return statistics.median(values[warmup:])
 
 
+def thread_env(threads: int) -> dict[str, str]:
+    """The environment for a subprocess with `threads` intra-op threads (torch, OpenMP and BLAS alike)."""
+    return {**os.environ, **{k: str(threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}}
+
+
 def pdclip_rates(args, method: str, out: Path) -> list[float]:
     """Per-step samples/s of `python -m pdclip.train`."""
     cmd = [sys.executable, "-m", "pdclip.train", f"--method={method}", f"--model={args.model}",
@@ -46,7 +58,7 @@ def pdclip_rates(args, method: str, out: Path) -> list[float]:
            f"--num_workers={args.workers}", f"--data_kwargs={json.dumps({'n_train': args.batch_size * 8})}",
            "--snapshot_every=0", "--save_every=0", "--progress=false", "--warmup_steps=2",
            f"--out={out / method}", "--overwrite"]
-    subprocess.run(cmd, check=True, capture_output=True)
+    subprocess.run(cmd, check=True, capture_output=True, env=thread_env(args.threads))
     lines = (out / method / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line)["samples_per_s"] for line in lines]
 
@@ -60,10 +72,37 @@ def open_clip_rates(args, out: Path) -> list[float]:
             "--precision", OPEN_CLIP_PRECISION[args.precision], "--log-every-n-steps", "1",
             "--save-frequency", "0", "--zeroshot-frequency", "0", "--logs", str(out), "--name", "open_clip"]
     proc = subprocess.run([sys.executable, "-c", RUN_OPEN_CLIP, str(CONFIG_DIR), *argv],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=thread_env(args.threads))
     if proc.returncode:
         raise RuntimeError(f"open_clip_train failed:\n{proc.stderr[-2000:]}")
     return [float(x) for x in re.findall(r"Batch \(t\): [0-9.]+, ([0-9.]+)/s,", proc.stdout + proc.stderr)]
+
+
+def loop_vs_open_clip(args) -> tuple[float, float]:
+    """Median samples/s of pdclip.train and open_clip_train (CLIP), the subprocesses alternated."""
+    ours, theirs = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            ours.append(median_after_warmup(pdclip_rates(args, "clip", Path(tmp)), args.warmup))
+            theirs.append(median_after_warmup(open_clip_rates(args, Path(tmp, f"open_clip{r}")), args.warmup))
+    return statistics.median(ours), statistics.median(theirs)
+
+
+def step_times(base: TrainConfig, repeats: int, variants: tuple[str, ...] = tuple(VARIANTS),
+               n_batches: int = 4) -> dict[str, float]:
+    """Median seconds of one `Trainer.train_step` per variant (`loss_overhead.VARIANTS`), interleaved.
+
+    Every variant trains its own model from the same seed on the same `n_batches` batches, drawn
+    once beforehand: the times are the steps alone, without data loading. All the trainers live at
+    once (a large model: pass fewer `variants`); "clip" is always one of them.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        trainers = {name: Trainer(replace(base, loss=VARIANTS[name], out=str(Path(tmp, name))))
+                    for name in dict.fromkeys(("clip", *variants))}
+        batches = list(itertools.islice(trainers["clip"].batches, n_batches))
+        feeds = {name: itertools.cycle(batches) for name in trainers}
+        return interleaved_medians({name: lambda name=name: trainers[name].train_step(next(feeds[name]))
+                                    for name in trainers}, repeats, trainers["clip"].device.type)
 
 
 def main() -> None:
@@ -73,24 +112,30 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=256 if cuda else 64)
     p.add_argument("--steps", type=int, default=40 if cuda else 20)
     p.add_argument("--warmup", type=int, default=5, help="steps left out of the medians")
+    p.add_argument("--rounds", type=int, default=2, help="pdclip / open_clip subprocess pairs")
+    p.add_argument("--repeats", type=int, default=15, help="interleaved steps per method")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                   help="methods to step next to CLIP (each holds a model, its optimiser and teacher in memory)")
     p.add_argument("--workers", type=int, default=8 if cuda else 0)
-    p.add_argument("--precision", default="bf16" if cuda and torch.cuda.is_bf16_supported() else "fp16" if cuda else "fp32",
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="intra-op CPU threads, everywhere")
+    p.add_argument("--precision", default="bf16" if cuda and torch.cuda.is_bf16_supported(including_emulation=False) else "fp16" if cuda else "fp32",
                    choices=sorted(OPEN_CLIP_PRECISION))
     args = p.parse_args()
-    device = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
+    torch.set_num_threads(args.threads)
+    device = torch.cuda.get_device_name() if cuda else f"CPU, {args.threads} threads"
     print(f"model {args.model}, batch {args.batch_size}, {args.precision}, {args.workers} workers, {device}")
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp)
-        rates = {m: median_after_warmup(pdclip_rates(args, m, out), args.warmup) for m in METHODS}
-        theirs = median_after_warmup(open_clip_rates(args, out), args.warmup)
+    ours, theirs = loop_vs_open_clip(args)
     print("\n1. CLIP training, samples/s (median per step, data loading included)")
-    print(f"   pdclip.train        {rates['clip']:10.1f}")
+    print(f"   pdclip.train        {ours:10.1f}")
     print(f"   open_clip_train     {theirs:10.1f}")
-    print(f"   ratio pdclip / open_clip = {rates['clip'] / theirs:.2f}")
-    print("\n2. Step time per method, pdclip.train")
-    for method, rate in rates.items():
-        step_ms = 1000 * args.batch_size / rate
-        print(f"   {method:6s} {step_ms:8.1f} ms/step   x{rates['clip'] / rate:.2f} of CLIP")
+    print(f"   ratio pdclip / open_clip = {ours / theirs:.2f}")
+    base = TrainConfig(model=args.model, batch_size=args.batch_size, precision=args.precision, steps=10_000,
+                       warmup_steps=2, snapshot_every=0, save_every=0, progress=False,
+                       data_kwargs={"n_train": args.batch_size * 8})
+    times = step_times(base, args.repeats, tuple(args.variants))
+    print("\n2. Step time per method, pdclip's Trainer, interleaved in this process")
+    for name, t in times.items():
+        print(f"   {name:10s} {1000 * t:8.1f} ms/step   x{t / times['clip']:.2f} of CLIP")
 
 
 if __name__ == "__main__":

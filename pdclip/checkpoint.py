@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from pdclip.config import TrainConfig
-from pdclip.models import DualEncoder, model_from_config
+from pdclip.models import DualEncoder, load_trainable_state, model_from_config
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -80,8 +80,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     """
     ckpt = read_checkpoint(path)
     cfg = TrainConfig.from_dict(ckpt["config"])
-    model = model_from_config(cfg, weights=False)
-    model.load_state_dict(ckpt["model"])
+    model = model_from_config(cfg, weights=False)  # offline backbones still load their packaged weights
+    load_trainable_state(model, ckpt["model"], ckpt.get("frozen", {}))
     return model.to(device).eval(), cfg
 
 

@@ -123,22 +123,26 @@ def select_captions(texts: list[str], text_to_image: Tensor, indices: Tensor) ->
     return [texts[i] for i in keep.tolist()], rows[keep]
 
 
-def zeroshot_results(model, dataset: Dataset, feats: Features, cache: dict, device, batch_size: int) -> dict:
-    """Every zero-shot task of `dataset` on precomputed image features.
+def zeroshot_results(model, dataset: Dataset, feats: Features, cache: dict, device,
+                     batch_size: int) -> tuple[dict, dict]:
+    """Every zero-shot task of `dataset` on precomputed image features, and the chance level of each score.
 
     `cache` maps (class names, templates) to class embeddings, so tasks shared by several splits
     are encoded once per model.
     """
-    out = {}
+    out, chance = {}, {}
     for name, task in getattr(dataset, "zeroshot_tasks", {}).items():
         key = (tuple(task.classnames), tuple(task.templates))
         if key not in cache:
             cache[key] = metrics.class_embeddings(
                 lambda texts: encode_texts(model, texts, device, batch_size), task.classnames, task.templates)
         multilabels = None if task.multilabels is None else [task.multilabels[i] for i in feats.indices.tolist()]
-        scores = metrics.zeroshot_metrics(feats.image, cache[key], task.labels[feats.indices], multilabels)
+        labels = task.labels[feats.indices]
+        scores = metrics.zeroshot_metrics(feats.image, cache[key], labels, multilabels)
         out.update({f"zeroshot/{name}/{k}": v for k, v in scores.items()})
-    return out
+        floor = metrics.zeroshot_chance(labels, len(task.classnames), multilabels)
+        chance.update({f"zeroshot/{name}/{k}": v for k, v in floor.items() if k in scores})
+    return out, chance
 
 
 def evaluate_model(
@@ -162,7 +166,8 @@ def evaluate_model(
 
     Returns:
         Flat `{"{name}/zeroshot/{task}/{metric}": ..., "{name}/retrieval/{metric}": ...,
-        "linear_probe/{acc,val_acc,C}": ...}`.
+        "linear_probe/{acc,val_acc,C}": ...}`, and for each score `"chance/" + key` its chance level
+        (`pdclip.metrics.zeroshot_chance`, `retrieval_chance`; the probe's: the majority class).
     """
     was_training = model.training
     model.eval()
@@ -173,13 +178,19 @@ def evaluate_model(
         for name, ds in datasets.items():
             f = feats[name]
             scores = {f"retrieval/{k}": v for k, v in metrics.retrieval_metrics(f.image, f.text, f.text_to_image).items()}
-            scores.update(zeroshot_results(model, ds, f, cache, device, batch_size))
+            chance = {f"retrieval/{k}": v for k, v in metrics.retrieval_chance(f.text_to_image, len(f.image)).items()}
+            zeroshot, zeroshot_chance = zeroshot_results(model, ds, f, cache, device, batch_size)
+            scores.update(zeroshot)
+            chance.update(zeroshot_chance)
             out.update({f"{name}/{k}": v for k, v in scores.items()})
+            out.update({f"chance/{name}/{k}": v for k, v in chance.items()})
     finally:
         model.train(was_training)
     if linear_probe and all(s in feats and feats[s].labels is not None for s in PROBE_SPLITS):
         probe = metrics.linear_probe(*[(feats[s].image, feats[s].labels) for s in PROBE_SPLITS])
         out.update({f"linear_probe/{k}": v for k, v in probe.items()})
+        test = feats["test"].labels
+        out["chance/linear_probe/acc"] = torch.bincount(test).max().item() / len(test)  # the majority class
     return out
 
 

@@ -18,6 +18,13 @@ atomically (tmp + `os.replace`, the `.json` last). A file whose `.json` holds an
 shape is wrong, or that is truncated raises `FeatureCacheError` naming the file and the problem;
 nothing stale is ever read. Delete `<root>` to start afresh.
 
+Shards (`build_dataset("shards", ...)`, an iterable dataset with no `len`): `shard_features` extracts
+each shard once, in listed order and unaugmented, into its own file keyed by the tower, the resolution
+and the shard's path, size and mtime, with the shard's captions and labels in an `.index.json` beside it
+(written last); a run over more shards reuses those already done, a rewritten shard is a new key, and
+`subset` keeps the first samples. Training then samples the cached rows like a map-style split (epochs,
+a global batch order), so every epoch after the first costs only the heads.
+
 Views: view 0 is the unaugmented split. `views=K` adds `K - 1` augmented views (view v applies the
 split's training augmentation seeded by `(v, index)`); epoch e of training reads view `e % K`. The
 default `K = 1` trains on unaugmented features: every view costs one extraction.
@@ -44,12 +51,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
 from pdclip.checkpoint import atomic_write_json
 from pdclip.data import build_dataset, collate
 from pdclip.data.sampling import SeededSamples
+from pdclip.models import state_sha256
 
 VERSION = 1  # part of every key: bump when extraction or the file layout changes
 DEFAULT_ROOT = Path(os.environ.get("PDCLIP_FEATURE_CACHE", Path(__file__).resolve().parents[1] / ".cache" / "features"))
@@ -58,15 +66,6 @@ DEFAULT_ROOT = Path(os.environ.get("PDCLIP_FEATURE_CACHE", Path(__file__).resolv
 class FeatureCacheError(ValueError):
     """A cache file that cannot be trusted (other settings, wrong shape, truncated) or a model
     whose towers cannot be cached (no backbone/head split, trainable backbone)."""
-
-
-def state_sha256(module: nn.Module) -> str:
-    """sha256 of a module's state (names, dtypes, shapes and bytes): its exact weights."""
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
 
 
 def backbones(model: nn.Module) -> dict[str, nn.Module]:
@@ -99,7 +98,8 @@ def _tower_key(backbone: nn.Module) -> dict:
             "weights_sha256": state_sha256(backbone)}
 
 
-def cached_array(root: Path, name: str, key: dict, rows: int, chunks: Iterator[Tensor], unit: str) -> np.ndarray:
+def cached_array(root: Path, name: str, key: dict, rows: int, chunks: Iterator[Tensor], unit: str, *,
+                 quiet: bool = False) -> np.ndarray:
     """The `(rows, F)` float32 array stored under `key`, memory-mapped; extracted from `chunks` on a miss.
 
     Args:
@@ -109,6 +109,7 @@ def cached_array(root: Path, name: str, key: dict, rows: int, chunks: Iterator[T
         rows: `N`, the number of rows the array must have.
         chunks: `(b, F)` tensors in row order; only consumed on a miss.
         unit: what a row is ("img", "caption"), for the progress bar.
+        quiet: no progress bar or timing line (the caller extracted `chunks` already and timed it).
 
     Raises:
         FeatureCacheError: the stored file has another key, another shape, or is truncated.
@@ -118,10 +119,10 @@ def cached_array(root: Path, name: str, key: dict, rows: int, chunks: Iterator[T
     if meta.is_file():
         print(f"feature cache: reading {path}")
         return _open(path, meta, key, rows)
-    print(f"feature cache miss: extracting {rows:,} {unit} -> {path}")
+    print(f"feature cache miss: {'writing' if quiet else 'extracting'} {rows:,} {unit} -> {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp, out, row, tic = path.with_name(path.name + ".tmp"), None, 0, time.perf_counter()
-    with tqdm(total=rows, unit=unit, desc=f"extract {name}") as bar:
+    with tqdm(total=rows, unit=unit, desc=f"extract {name}", disable=quiet) as bar:
         for chunk in chunks:
             if out is None:  # F is known from the first chunk
                 out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(rows, chunk.shape[1]))
@@ -136,7 +137,8 @@ def cached_array(root: Path, name: str, key: dict, rows: int, chunks: Iterator[T
     os.replace(tmp, path)
     atomic_write_json({"key": key, "shape": list(shape), "dtype": "float32"}, meta)  # last: marks it complete
     seconds = time.perf_counter() - tic
-    print(f"extracted {name}: {rows:,} {unit} in {seconds:.1f} s ({rows / seconds:.0f} {unit}/s)")
+    if not quiet:
+        print(f"extracted {name}: {rows:,} {unit} in {seconds:.1f} s ({rows / seconds:.0f} {unit}/s)")
     return _open(path, meta, key, rows)
 
 
@@ -173,6 +175,115 @@ def _backbone_chunks(backbone: nn.Module, batches: Iterable, device: torch.devic
         backbone.train(was_training)
 
 
+def shard_key(url: str) -> dict:
+    """What identifies a shard's contents: its URL and, for a local file, its size and mtime (a
+    re-downloaded or rewritten shard gets a new key; remote shards are taken as immutable)."""
+    key = {"shard": url}
+    if "://" not in url:
+        stat = os.stat(url)
+        key.update(shard=str(Path(url).resolve()), size=stat.st_size, mtime_ns=stat.st_mtime_ns)
+    return key
+
+
+class ShardRows:
+    """Row lookups over per-shard `(n_s, F)` arrays as one `(N, F)` array: `rows[index]` for an
+    int array `index` (what `CachedFeatures.get_batch` asks), `len(rows)`, `rows.shape`."""
+
+    def __init__(self, arrays: list[np.ndarray]):
+        self.arrays = arrays
+        self.starts = np.cumsum([0] + [len(a) for a in arrays])
+        self.shape = (int(self.starts[-1]), arrays[0].shape[1])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return np.concatenate([np.asarray(a) for a in self.arrays]).astype(dtype or np.float32, copy=False)
+
+    def __getitem__(self, index) -> np.ndarray:
+        index = np.asarray(index, dtype=np.int64)
+        shard = np.searchsorted(self.starts, index, side="right") - 1
+        out = np.empty((len(index), self.shape[1]), dtype=np.float32)
+        for s in np.unique(shard):
+            mask = shard == s
+            out[mask] = self.arrays[s][index[mask] - self.starts[s]]
+        return out
+
+
+def shard_features(source, backbone: nn.Module, image_size: int, root: Path, device: torch.device,
+                   batch_size: int = 64) -> tuple[list[str], list[int] | None, ShardRows]:
+    """Image features of a `ShardDataset`, extracted once per shard: `(texts, labels, rows)`.
+
+    Each shard (in listed order, unaugmented) gets its own `<root>/shards-<stem>-<tower>-<px>px-<digest>.npy`
+    keyed by the tower's weights, the resolution and `shard_key(url)` (path, size, mtime), and an
+    `.index.json` beside it holding the captions and labels of its good samples (written last: it marks
+    the shard complete). Adding shards reuses the ones already extracted; a changed shard is a new key.
+    The source's `subset` keeps the first `subset` samples (whole shards are extracted).
+    """
+    tower = _tower_key(backbone)
+    texts, labels, arrays = [], [], []
+    for url in source.urls:
+        if source.subset is not None and len(texts) >= source.subset:
+            break
+        key = {**tower, "image_size": image_size, **shard_key(url)}
+        name = f"shards-{Path(url.split('?')[0]).stem}-{tower['tower']}-{image_size}px"
+        index_path = Path(root) / f"{name}-{_digest(key)[:16]}.index.json"
+        if index_path.is_file():
+            stored = json.loads(index_path.read_text())
+            if stored.get("key") != key:
+                raise FeatureCacheError(f"feature cache {index_path} was made for another shard or tower; delete it")
+            shard_texts, shard_labels = stored["texts"], stored["labels"]
+
+            def chunks(url=url):  # only run if the .npy went missing
+                yield torch.from_numpy(_extract_shard(source, url, backbone, device, batch_size)[0])
+
+            if shard_texts:
+                arrays.append(cached_array(root, name, key, len(shard_texts), chunks(), "img"))
+        else:
+            features, shard_texts, shard_labels = _extract_shard(source, url, backbone, device, batch_size)
+            if shard_texts:  # a shard with no good sample has only its index
+                arrays.append(cached_array(root, name, key, len(shard_texts), iter([torch.from_numpy(features)]),
+                                           "img", quiet=True))
+            atomic_write_json({"key": key, "texts": shard_texts, "labels": shard_labels}, index_path)
+        texts += shard_texts
+        labels += shard_labels
+    n = len(texts) if source.subset is None else min(len(texts), source.subset)
+    if n == 0:
+        raise FeatureCacheError(f"no good samples in the shards {source.urls[:3]}...")
+    rows = ShardRows(arrays)
+    if n < len(rows):  # the subset ends inside the last shard
+        rows.shape = (n, rows.shape[1])
+    return texts[:n], (None if None in labels[:n] else labels[:n]), rows
+
+
+@torch.no_grad()
+def _extract_shard(source, url: str, backbone: nn.Module, device: torch.device,
+                   batch_size: int) -> tuple[np.ndarray, list[str], list[int | None]]:
+    """One pass over one shard: `(features (n, F), captions, labels)` of its good samples, in order."""
+    features, texts, labels, tic = [], [], [], time.perf_counter()
+
+    def flush(images: list[Tensor]) -> None:
+        features.append(backbone(torch.stack(images).to(device)).float().cpu().numpy())
+
+    was_training, pending = backbone.training, []
+    backbone.eval()
+    try:
+        for sample in tqdm(source.shard_samples(url), unit="img", desc=f"extract {Path(url).name}"):
+            pending.append(sample["image"])
+            texts.append(sample["text"])
+            labels.append(sample.get("label"))
+            if len(pending) == batch_size:
+                flush(pending)
+                pending = []
+        if pending:
+            flush(pending)
+    finally:
+        backbone.train(was_training)
+    seconds = time.perf_counter() - tic
+    print(f"extracted {url}: {len(texts):,} img in {seconds:.1f} s ({len(texts) / seconds:.0f} img/s)")
+    return np.concatenate(features) if features else np.zeros((0, 1), np.float32), texts, labels
+
+
 class CachedFeatures:
     """The backbone features of one dataset split, extracted once and memory-mapped.
 
@@ -201,6 +312,29 @@ class CachedFeatures:
         root = DEFAULT_ROOT if root is None else Path(root)
         kwargs = {k: v for k, v in (data_kwargs or {}).items() if k not in ("augment", "image_size")}
         self.source = build_dataset(dataset, split, image_size=model.image_size, augment=False, **kwargs)
+        if isinstance(self.source, IterableDataset):  # shards: extracted shard by shard, no len() needed
+            if views != 1:
+                raise FeatureCacheError(f"the shard feature cache has one (unaugmented) view; got views={views}")
+            self.views = 1
+            self.texts, labels, rows = shard_features(self.source, towers["image"], model.image_size, root,
+                                                      device, batch_size)
+            self.images = [rows]
+        else:
+            labels = self._map_style_images(dataset, split, kwargs, towers, model, views, root, device, batch_size)
+
+        # Captions: one row per unique caption.
+        unique = sorted(set(self.texts))
+        text_key = {**_tower_key(towers["text"]), "context_length": getattr(model.text, "context_length", None),
+                    "dataset": dataset, "split": split, "n": len(unique), "captions_sha256": _digest(unique)}
+        tokens = (model.tokenize(unique[s:s + batch_size]) for s in range(0, len(unique), batch_size))
+        self.text_features = cached_array(root, f"{dataset}-{split}-{text_key['tower']}-captions", text_key,
+                                          len(unique), _backbone_chunks(towers["text"], tokens, device), "caption")
+        row = {t: i for i, t in enumerate(unique)}
+        self.text_rows = np.array([row[t] for t in self.texts], dtype=np.int64)
+        self.labels = None if labels is None else torch.as_tensor(labels)
+
+    def _map_style_images(self, dataset, split, kwargs, towers, model, views, root, device, batch_size):
+        """Set `texts`, `views`, `images` (one array per view) of a map-style source; return its labels."""
         texts, n = getattr(self.source, "texts", None), len(self.source)
         if texts is None:
             raise FeatureCacheError(f"the feature cache needs a map-style dataset with `.texts`; {dataset!r} has none")
@@ -219,18 +353,7 @@ class CachedFeatures:
             name = f"{dataset}-{split}-{image_key['tower']}-{model.image_size}px-view{view}"
             self.images.append(cached_array(root, name, {**image_key, "view": view}, n,
                                             _backbone_chunks(towers["image"], batches, device), "img"))
-
-        # Captions: one row per unique caption.
-        unique = sorted(set(self.texts))
-        text_key = {**_tower_key(towers["text"]), "context_length": getattr(model.text, "context_length", None),
-                    "dataset": dataset, "split": split, "n": len(unique), "captions_sha256": _digest(unique)}
-        tokens = (model.tokenize(unique[s:s + batch_size]) for s in range(0, len(unique), batch_size))
-        self.text_features = cached_array(root, f"{dataset}-{split}-{text_key['tower']}-captions", text_key,
-                                          len(unique), _backbone_chunks(towers["text"], tokens, device), "caption")
-        row = {t: i for i, t in enumerate(unique)}
-        self.text_rows = np.array([row[t] for t in self.texts], dtype=np.int64)
-        labels = getattr(self.source, "labels", None)
-        self.labels = None if labels is None else torch.as_tensor(labels)
+        return getattr(self.source, "labels", None)
 
     def _view_batches(self, dataset: str, split: str, kwargs: dict, view: int, image_size: int,
                       batch_size: int) -> DataLoader:

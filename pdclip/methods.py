@@ -67,7 +67,9 @@ def method_loss(
     logits = logit_scale * similarity
     n, device = logits.shape[0], logits.device
     parts: dict[str, float] = {}
-    hard = hard_targets(cfg, n, device, caption_keys, image_keys)
+    # PSD builds its targets on `I` itself (None), cheaper at large B than copying a given `I`.
+    identity_psd = cfg.method == "psd" and not cfg.multi_positive
+    hard = None if identity_psd else hard_targets(cfg, n, device, caption_keys, image_keys)
 
     if cfg.method in ("clip", "ls", "psd"):
         if cfg.method == "clip":

@@ -9,6 +9,7 @@ Taught in the evaluation notebook.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -107,6 +108,41 @@ def hit_at_k(logits: Tensor, multilabels: Sequence[set[int]], k: int) -> float:
     """OTTER's hit@k: fraction of images with any of their top-k classes in their label set."""
     top = topk_hits(logits, k).tolist()
     return float(np.mean([bool(set(row) & labels) for row, labels in zip(top, multilabels, strict=True)]))
+
+
+def zeroshot_chance(labels: Tensor, n_classes: int, multilabels: Sequence[set[int]] | None = None,
+                    hit_ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """What `zeroshot_metrics` gives a model that knows nothing, key for key.
+
+    top-k: the larger of a uniform guess's `k / C` and always answering the k most frequent classes
+    (on unbalanced data the latter wins); balanced accuracy: `1 / C` (constant answers get it too);
+    hit@k: a uniform guess of k classes, `1 - C(C - |L|, k) / C(C, k)` per image, averaged.
+    """
+    counts = torch.bincount(labels, minlength=n_classes).sort(descending=True).values.float()
+    top = {"top1": 1}
+    if n_classes >= 5:
+        top["top5"] = 5
+    out = {name: max(k / n_classes, counts[:k].sum().item() / len(labels)) for name, k in top.items()}
+    out["mean_per_class_recall"] = 1 / n_classes
+    if multilabels is not None:
+        for k in (k for k in hit_ks if k <= n_classes):
+            miss = [math.comb(n_classes - len(s), k) / math.comb(n_classes, k) for s in multilabels]
+            out[f"hit@{k}"] = float(1 - np.mean(miss))
+    return out
+
+
+def retrieval_chance(text_to_image: Tensor, n_images: int, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """What `retrieval_metrics` gives a random ranking, key for key: text→image `k / N`; image→text,
+    for an image with `p` of the `M` captions, `1 - C(M - p, k) / C(M, k)`, averaged over images."""
+    n_txt = len(text_to_image)
+    per_image = torch.bincount(text_to_image, minlength=n_images).tolist()
+    out = {}
+    for k in ks:
+        if k <= n_txt:
+            out[f"i2t_R@{k}"] = float(1 - np.mean([math.comb(n_txt - p, k) / math.comb(n_txt, k) for p in per_image]))
+        if k <= n_images:
+            out[f"t2i_R@{k}"] = k / n_images
+    return out
 
 
 # ---------------------------------------------------------------- retrieval

@@ -17,6 +17,7 @@ Temperatures follow the architecture contract: stored as logs, used as `exp().cl
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -304,6 +305,58 @@ def model_from_config(cfg: TrainConfig, weights: bool = True) -> DualEncoder:
     # Only KD and OTTER use the second temperature; an unused trainable parameter would break DDP.
     model.logit_scale_soft.requires_grad_(cfg.loss.method in ("kd", "otter"))
     return model
+
+
+def state_sha256(module: nn.Module) -> str:
+    """sha256 of a module's state (names, dtypes, shapes and bytes): its exact weights."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def frozen_backbones(model: nn.Module) -> dict[str, nn.Module]:
+    """`{state-dict prefix: backbone}` of the pretrained towers whose backbone is wholly frozen.
+
+    Their weights are the packaged ones, bit for bit, for the whole run: a checkpoint leaves them out
+    (`trainable_state`) and records their hash instead; loading rebuilds them from their packages.
+    """
+    out = {}
+    for attr in ("visual", "text"):
+        backbone = getattr(getattr(model, attr, None), "backbone", None)
+        if backbone is not None and not any(p.requires_grad for p in backbone.parameters()):
+            out[f"{attr}.backbone."] = backbone
+    return out
+
+
+def trainable_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The model's state dict without its frozen backbones, and `{prefix: state_sha256}` of those left out
+    (a frozen EfficientNet-Lite0 + MiniLM pair is ~110 MB; the heads are ~3 MB)."""
+    frozen = frozen_backbones(model)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(tuple(frozen))}
+    return state, {prefix: state_sha256(backbone) for prefix, backbone in frozen.items()}
+
+
+def load_trainable_state(model: nn.Module, state: dict[str, Tensor], frozen: dict[str, str]) -> None:
+    """Load what `trainable_state` saved into a model built with its pretrained weights (a full state
+    dict loads too). `frozen` holds the hashes to check; a teacher that shares the student's frozen
+    backbones passes `{}`.
+
+    Raises:
+        ValueError: a left-out backbone's weights differ from those the run trained with (another
+            package version), or the state does not fit the model.
+    """
+    here = frozen_backbones(model)
+    for prefix, sha in frozen.items():
+        if prefix not in here or state_sha256(here[prefix]) != sha:
+            raise ValueError(f"the checkpoint was trained with a frozen {prefix.rstrip('.')} whose weights differ "
+                             f"from the ones installed here (sha256 {sha[:12]}…); install the package version "
+                             "the run used")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(tuple(here))]  # frozen here: the packaged weights
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:

@@ -30,16 +30,20 @@ from pdclip.study import (
 
 # ---------------------------------------------------------------- tables and figures
 
-COLUMNS = {  # table column -> metric key ("{h}" = the dataset's headline zero-shot task)
-    "val ZS top-1": "val/{h}", "ZS top-1": "test/{h}", "ZS hit@1": "test/{hit}",
+COLUMNS = {  # table column -> metric key ("{h}" = the dataset's headline zero-shot score, `headline`)
+    "val ZS": "val/{h}", "val R@1 i→t": "val/retrieval/i2t_R@1", "ZS": "test/{h}", "ZS hit@1": "test/{hit}",
     "R@1 i→t": "test/retrieval/i2t_R@1", "R@1 t→i": "test/retrieval/t2i_R@1", "linear probe": "linear_probe/acc",
 }
+ZS_NOTE = ("ZS: zero-shot top-1 on the synthetic source's 48 colour×shape classes; on clip art, whose 16 "
+           "classes are unbalanced, balanced accuracy (mean per-class recall)")
 
 
-def metric(row: dict, column: str) -> float | None:
-    """A `COLUMNS` entry of a result row, in percent (None when the dataset lacks it)."""
+def metric(row: dict, column: str, prefix: str = "") -> float | None:
+    """A `COLUMNS` entry of a result row, in percent (None when the dataset lacks it); with
+    `prefix="chance/"` its chance level (`pdclip.evaluate.evaluate_model`)."""
     h = headline(row["cell"]["dataset"])
-    value = row["metrics"].get(COLUMNS[column].format(h=h, hit=h.replace("top1", "hit@1")))
+    hit = h.replace("top1", "hit@1") if h.endswith("top1") else "none"
+    value = row["metrics"].get(prefix + COLUMNS[column].format(h=h, hit=hit))
     return None if value is None else 100 * value
 
 
@@ -148,7 +152,8 @@ def _cell_text(stat: tuple, signed: bool = False) -> str:
 
 def condition(group: tuple) -> str:
     dataset, setting, noise, n_train, variant = group
-    parts = [dataset, setting] + ([f"ν={noise:g}", f"n={n_train}"] if noise is not None else [])
+    parts = [dataset, setting] + ([f"ν={noise:g}"] if noise is not None else []) + (
+        [f"n={n_train}"] if n_train is not None else [])
     extra = [f"{k}={v}" for k, v in json.loads(variant).items()]
     return ", ".join(parts + extra + ([f"({CONTROLS[variant]})"] if variant in CONTROLS else []))
 
@@ -161,13 +166,18 @@ def results_table(rows: list[dict]) -> list[str]:
     cols["target precision"] = aggregate(rows, final_quality)
     # Chance depends on the noise: vague captions truly describe many images.
     cols["chance precision"] = aggregate(rows, lambda r: final_quality(r, "i2t/chance_offdiag_precision"))
+    # A score means something only next to what a model that knows nothing gets (the same for every method).
+    chance = {c: aggregate(rows, lambda r, c=c: metric(r, c, "chance/")) for c in COLUMNS}
     lines = ["| condition | method | seeds | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 3)]
-    for group in sorted(cols["ZS top-1"], key=str):
+    for group in sorted(cols["ZS"], key=str):
         for method in METHODS:
-            if method in cols["ZS top-1"][group]:
+            if method in cols["ZS"][group]:
                 stats = [cols[c][group].get(method, (math.nan, math.nan, 0)) for c in cols]
-                lines.append(f"| {condition(group)} | {method} | {stats[1][2]} | "
+                lines.append(f"| {condition(group)} | {method} | {cols['ZS'][group][method][2]} | "
                              + " | ".join(_cell_text(s) for s in stats) + " |")
+        floor = [next(iter(chance[c].get(group, {}).values()), (math.nan, math.nan, 0)) for c in COLUMNS]
+        lines.append(f"| {condition(group)} | *chance* | | " + " | ".join(_cell_text(s[:1] + (math.nan, s[2])) for s in floor)
+                     + " |" * (len(cols) - len(COLUMNS)) + " |")
     return lines
 
 
@@ -177,7 +187,7 @@ MIN_EFFECT = 1.0
 
 
 def gains_table(rows: list[dict], by: str = "method",
-                columns: Sequence[str] = ("ZS top-1", "R@1 i→t", "R@1 t→i", "linear probe")):
+                columns: Sequence[str] = ("ZS", "R@1 i→t", "R@1 t→i", "linear probe")):
     """Markdown rows of paired gains (`paired_gains`) and the verdicts they support (CI excluding 0,
     effect of at least `MIN_EFFECT` points)."""
     gains = {c: paired_gains(rows, lambda r, c=c: metric(r, c), by) for c in columns}
@@ -199,9 +209,9 @@ def make_figures(preset_name: str, rows: list[dict], figures: Path) -> dict[str,
     size_rows = [r for r in rows if "size" in r["cell"]["experiments"]]
     x_field = "n_train" if size_rows else "noise"
     figs = {
-        "accuracy vs noise": plot_sweep(noise_rows, "noise", ("ZS top-1", "R@1 i→t"),
+        "accuracy vs noise": plot_sweep(noise_rows, "noise", ("ZS", "R@1 i→t"),
                                         figures / f"{preset_name}_accuracy_vs_noise.png"),
-        f"gain over CLIP vs {x_field}": plot_sweep(size_rows or noise_rows, x_field, ("ZS top-1", "R@1 i→t"),
+        f"gain over CLIP vs {x_field}": plot_sweep(size_rows or noise_rows, x_field, ("ZS", "R@1 i→t"),
                                                    figures / f"{preset_name}_gain_vs_{x_field}.png", gains=True),
         "effective robustness": plot_robustness(noise_rows, figures / f"{preset_name}_effective_robustness.png"),
         "target quality over training": plot_target_quality(noise_rows, figures / f"{preset_name}_target_quality.png"),
@@ -214,7 +224,10 @@ def experiment_section(name: str, experiment: dict, rows: list[dict]) -> list[st
     if not rows:
         return [f"### Experiment `{name}`", "", "No finished runs yet.", ""]
     by = "variant" if "variants" in experiment else "method"
-    gains, verdicts = gains_table(rows, by)
+    # An ablation chooses on validation data: its gains table leads with the validation columns.
+    columns = ("val ZS", "val R@1 i→t", "ZS", "R@1 i→t", "R@1 t→i", "linear probe") if by == "variant" else (
+        "ZS", "R@1 i→t", "R@1 t→i", "linear probe")
+    gains, verdicts = gains_table(rows, by, columns)
     return [f"### Experiment `{name}`", "", *results_table(rows), "",
             "Target precision: the share of the soft targets' off-diagonal mass that lands on captions that "
             "truly describe the image, at the end of training; chance: that share for mass spread uniformly. "
@@ -240,7 +253,8 @@ def write_report(preset_name: str, out: Path, results_path: Path, figures: Path)
              f"{len(rows)} of {len(cells)} runs finished; {wall / 60:.0f} min of run time in all "
              f"(mean {wall / len(rows):.0f} s per run, {np.mean([r['train_s'] for r in rows]):.0f} s of it "
              f"training), shared settings: `{json.dumps(preset['base'])}`. Test split, mean ± 95 % CI "
-             "(t-distribution) over seeds, in percent.", ""]
+             f"(t-distribution) over seeds, in percent; each condition's *chance* row is what a model that "
+             f"knows nothing scores. {ZS_NOTE}.", ""]
     for name, experiment in preset["experiments"].items():
         lines += experiment_section(name, experiment, [r for r in rows if name in r["cell"]["experiments"]])
     rel = Path(os.path.relpath(figures, results_path.parent))

@@ -48,71 +48,102 @@ def kd_targets(image_features: Tensor, text_features: Tensor, tau: float = 100.0
         `(Y_i2t, Y_t2i)`, each `(B, B)`.
     """
     s_ii, s_tt, s_it = _similarities(image_features, text_features)
-    base = s_ii + s_tt
-    return (tau * (base + s_it)).softmax(dim=-1), (tau * (base + s_it.T)).softmax(dim=-1)
+    base = s_ii.add_(s_tt)  # in place (fresh tensors): each (B, B) pass counts at large B
+    return torch.add(base, s_it).mul_(tau).softmax(dim=-1), base.add_(s_it.T).mul_(tau).softmax(dim=-1)
 
 
-# A linear-domain half-step may rescale the plan by at most e^_DRIFT (summed over the half-steps since
-# the plan was last exponentiated): an entry that underflowed to 0 in float32 (< 1e-38 of its row's
-# largest) stays below ~1e-20 of it, as negligible as the log domain would have made it.
+# Between log-domain half-steps the plan is `diag(u) E diag(v)`. The scalings may spread E's entries
+# apart by at most e^_DRIFT (the spread, max - min, of log u plus that of log v): an entry of E that
+# underflowed to 0 in float32 (< 1e-38 of the largest) stays below ~1e-20 of what its row and column
+# hold, as negligible as the log domain would have made it.
 _DRIFT = 40.0
 
 
 @torch.no_grad()
-def sinkhorn(cost: Tensor, epsilon: float, n_iters: int) -> Tensor:
+def sinkhorn(cost: Tensor, epsilon: float, n_iters: int, total_mass: float = 1.0) -> Tensor:
     """Entropic optimal-transport plan with uniform marginals, stabilised in the log domain (docs/methods.md §4).
 
     Solves `min_Q <Q, C> - ε H(Q)` s.t. `Q 1 = 1/n`, `Qᵀ 1 = 1/m` by Sinkhorn–Knopp in the same order as
     POT's `ot.sinkhorn` (columns, then rows, per iteration; the rows end exact). Work is in float32
     whatever the input dtype, and stays finite for small `ε`, where `exp(-C/ε)` overflows:
 
-    - a *log-domain* half-step computes the plan from the log-kernel `-C/ε` and the potentials with a
-      max-shifted exp (what log-sum-exp does), so nothing overflows;
-    - the next half-steps only rescale that plan's columns or rows (a sum and a multiply, no exp: why
-      this is several times faster than a log-sum-exp per half-step), as long as the rescaling factors
-      stay within `e^_DRIFT` of the last log-domain plan; past that (a small `ε`), the half-step is a
-      log-domain one again. The result equals the pure log-domain iteration to float32 rounding.
+    - a *log-domain* half-step makes the kernel `E = exp(-C/ε + f ⊕ g)` from the potentials with a
+      max-shifted exp (as log-sum-exp does), so nothing overflows;
+    - the half-steps after it keep `E` and only update the scalings `u`, `v` of the plan
+      `diag(u) E diag(v)`, with one matrix–vector product each and no exp: why this is several times
+      faster than a log-sum-exp per half-step. When the scalings would spread E's entries by more than
+      `e^_DRIFT` (a small `ε`), the half-step is a log-domain one again. The result equals the pure
+      log-domain iteration to float32 rounding.
 
     Args:
         cost: `(..., n, m)`, a batch of cost matrices.
         epsilon: entropic regularisation `ε > 0`.
         n_iters: number of Sinkhorn iterations (OTTER uses 5).
+        total_mass: the plan's sum; `n` makes its rows sum to 1 (OTTER's targets) without another pass.
     Returns:
-        The plan `Q`, `(..., n, m)`, float32, summing to 1 over its last two dims.
+        The plan `Q`, `(..., n, m)`, float32, summing to `total_mass` over its last two dims.
     """
     if epsilon <= 0:
         raise ValueError(f"epsilon must be > 0, got {epsilon}")
     if n_iters < 1:
         raise ValueError(f"n_iters must be >= 1, got {n_iters}")
-    if not torch.isfinite(cost).all():
+    cost = cost.float()
+    if not torch.isfinite(torch.stack(torch.aminmax(cost))).all():  # one pass; NaN propagates to both
         raise ValueError("cost contains NaN or Inf")
-    log_k = cost.float() * (-1.0 / epsilon)
-    n, m = log_k.shape[-2:]
-    # Keyed by the dim a half-step sums over: -2 fits the columns (marginal 1/m, potential g),
-    # -1 the rows (1/n, f). The first half-step fits the columns against f = log(1/n).
+    n, m = cost.shape[-2:]
+    # Keyed by the dim a half-step sums over: -2 fits the columns (marginal 1/m, potential g, scaling v),
+    # -1 the rows (1/n, f, u). `ref` holds E's own potentials; the first half-step starts from f = log(1/n).
     marginal = {-2: 1.0 / m, -1: 1.0 / n}
-    potential = {-1: torch.full(log_k.shape[:-1], -math.log(n), device=log_k.device), -2: None}
-    plan, drift = log_k, math.inf
+    ref = {-1: torch.full(cost.shape[:-1], -math.log(n), device=cost.device), -2: None}
+    scale: dict[int, Tensor | None] = {-1: None, -2: None}  # None: all ones
+    spread = {-1: 0.0, -2: 0.0}  # of log u, log v
+    plan = None  # E
     for step in range(2 * n_iters):
         dim, other = (-2, -1) if step % 2 == 0 else (-1, -2)
-        if drift < _DRIFT:  # try the cheap half-step: rescale the current plan
-            factor = plan.sum(dim).reciprocal_().mul_(marginal[dim])
-            log_factor = factor.log()
-            step_drift = log_factor.abs().amax().item()  # inf / nan (an underflowed sum) fail the test below
-            if drift + step_drift <= _DRIFT:
-                drift += step_drift
-                potential[dim] += log_factor
-                plan.mul_(factor.unsqueeze(dim))
+        if plan is not None:  # try the cheap half-step: a new scaling from one matrix-vector product
+            new = _weighted_sums(plan, scale[other], dim).reciprocal_().mul_(marginal[dim])
+            new_spread = _log_spread(new)
+            if new_spread + spread[other] <= _DRIFT:  # False for inf / nan: a sum that underflowed
+                scale[dim], spread[dim] = new, new_spread
                 continue
-        # Log-domain half-step: Q = exp(log_k + f + g) with the new potential, max-shifted.
-        plan = log_k + potential[other].unsqueeze(other)
-        shift = plan.amax(dim, keepdim=True)
-        plan.sub_(shift).exp_()
-        total = plan.sum(dim, keepdim=True)
-        potential[dim] = (math.log(marginal[dim]) - shift - total.log()).squeeze(dim)
-        plan.mul_(total.reciprocal_().mul_(marginal[dim]))
-        drift = 0.0
+        potential = ref[other] if scale[other] is None else ref[other] + scale[other].log()
+        ref[dim], plan, new = _log_half_step(cost, epsilon, potential, dim, marginal[dim])
+        ref[other], scale[other], scale[dim] = potential, None, new
+        spread = {other: 0.0, dim: _log_spread(new)}
+    plan.mul_(scale[-1].mul_(total_mass).unsqueeze(-1))  # the last half-step fitted the rows: u is set
+    if scale[-2] is not None:
+        plan.mul_(scale[-2].unsqueeze(-2))
     return plan
+
+
+def _weighted_sums(plan: Tensor, weights: Tensor | None, dim: int) -> Tensor:
+    """Sums of `E` `(..., n, m)` over `dim`, the other dim weighted: `Eᵀu` (dim -2) or `Ev` (dim -1)."""
+    if weights is None:
+        return plan.sum(dim)
+    if dim == -2:
+        return (weights.unsqueeze(-2) @ plan).squeeze(-2)
+    return (plan @ weights.unsqueeze(-1)).squeeze(-1)
+
+
+def _log_spread(scaling: Tensor) -> float:
+    """`max - min` of `log scaling`: inf or nan when a scaling overflowed or underflowed."""
+    low, high = torch.aminmax(scaling)
+    return (high / low).log().item()
+
+
+def _log_half_step(cost: Tensor, epsilon: float, potential: Tensor, dim: int,
+                   marginal: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Fit the marginal over `dim` in the log domain, given the other dim's potential.
+
+    Returns E's potential along `dim` (the max over `dim` of `-C/ε + potential`, negated), the kernel
+    `E`, `(..., n, m)`, whose largest entry along `dim` is 1 so that nothing overflows, and the scaling
+    along `dim` that fits the marginal.
+    """
+    other = -1 if dim == -2 else -2
+    plan = torch.add(potential.unsqueeze(other), cost, alpha=-1.0 / epsilon)  # -C/ε + potential
+    shift = plan.amax(dim, keepdim=True)
+    total = plan.sub_(shift).exp_().sum(dim)
+    return -shift.squeeze(dim), plan, total.reciprocal_().mul_(marginal)
 
 
 @torch.no_grad()
@@ -137,13 +168,13 @@ def otter_targets(
     """
     s_ii, s_tt, s_it = _similarities(image_features, text_features)
     n = s_ii.shape[0]
-    masked = s_ii.add_(s_tt)  # in place: each (B, B) pass counts at large B
-    masked.diagonal().sub_(2 * lam)
-    cost = masked.new_empty(2, n, n)
-    torch.add(masked, s_it, out=cost[0])
-    torch.add(masked, s_it.T, out=cost[1])
-    # The last half-step fits the rows to 1/B exactly, so B * plan is row-stochastic.
-    targets = sinkhorn(cost.neg_(), epsilon, n_iters).mul_(n)
+    negated = s_ii.add_(s_tt).neg_()  # in place (fresh tensors): each (B, B) pass counts at large B
+    negated.diagonal().add_(2 * lam)
+    cost = negated.new_empty(2, n, n)
+    torch.sub(negated, s_it, out=cost[0])
+    torch.sub(negated, s_it.T, out=cost[1])
+    # The last half-step fits the rows exactly: a plan of total mass B is row-stochastic.
+    targets = sinkhorn(cost, epsilon, n_iters, total_mass=n)
     return targets[0], targets[1]
 
 
@@ -185,12 +216,14 @@ def psd_targets(
     targets = []
     # Only the chosen rows of s (and of sᵀ: s's chosen columns) are soft, so only they get a softmax.
     for rows in (s.index_select(0, chosen), s.index_select(1, chosen).T):
-        mixed = (rows / temperature).softmax(dim=-1).mul_(alpha)  # α P_i on the chosen rows, (k, B)
+        if temperature != 1:  # dividing by 1 changes nothing but costs a (k, B) pass
+            rows = rows / temperature
+        mixed = rows.softmax(dim=-1).mul_(alpha)  # α P_i on the chosen rows, (k, B)
         if hard is None:  # (1 - α) e_i: one entry per chosen row
             mixed[torch.arange(len(chosen), device=device), chosen] += 1 - alpha
             y = torch.eye(n, device=device)
         else:
             mixed += (1 - alpha) * hard.index_select(0, chosen)
-            y = hard.float().clone()
+            y = hard.clone()
         targets.append(y.index_copy_(0, chosen, mixed))
     return targets[0], targets[1]

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from pdclip.config import LossConfig
+from pdclip.models import frozen_backbones
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -30,19 +31,46 @@ def frozen_copy(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def move_towards(teacher: nn.Module, student: nn.Module, weight: float) -> None:
-    """`θ_t ← θ_t + w (θ_s − θ_t)` for every parameter (`w = 1` copies exactly); buffers are copied."""
-    for p_t, p in zip(teacher.parameters(), student.parameters(), strict=True):
-        if p_t is p:  # shared frozen parameters are already equal
-            continue
+    """`θ_t ← θ_t + w (θ_s − θ_t)` for every parameter (`w = 1` copies exactly); buffers are copied.
+
+    One `_foreach` call per list instead of a Python loop: on a GPU that is a few fused kernels instead
+    of one launch per tensor; on a CPU the update is bound by memory either way (the heads' or the
+    token embedding's size), and the loop's overhead goes.
+    """
+    # Shared frozen parameters are the same tensor in both: already equal, nothing to do.
+    pairs = [(p_t, p) for p_t, p in zip(teacher.parameters(), student.parameters(), strict=True) if p_t is not p]
+    if pairs:
+        ours, theirs = (list(side) for side in zip(*pairs, strict=True))
         if weight == 1.0:
-            p_t.copy_(p.detach())
+            torch._foreach_copy_(ours, theirs)
         else:
-            p_t.lerp_(p.detach().to(p_t.dtype), weight)
-    for b_t, b in zip(teacher.buffers(), student.buffers(), strict=True):
-        b_t.copy_(b)
+            torch._foreach_lerp_(ours, theirs, weight)
+    buffers = list(zip(teacher.buffers(), student.buffers(), strict=True))
+    if buffers:
+        torch._foreach_copy_(*(list(side) for side in zip(*buffers, strict=True)))
 
 
-class EmaTeacher:
+class FrozenCopyTeacher:
+    """What both teachers share: the frozen copy of the student, an update counter, and a state that
+    leaves out the frozen backbones the copy shares with the student (the student's checkpoint holds
+    their hash; they are rebuilt from their packages, `pdclip.models.trainable_state`)."""
+
+    def __init__(self, model: nn.Module):
+        self.module = frozen_copy(model)
+        self.shared = tuple(frozen_backbones(model))  # state-dict prefixes whose tensors are the student's
+        self.num_updates = 0
+
+    def module_state(self) -> dict:
+        return {k: v for k, v in self.module.state_dict().items() if not k.startswith(self.shared)}
+
+    def load_module_state(self, state: dict) -> None:
+        missing, unexpected = self.module.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith(self.shared)]
+        if missing or unexpected:
+            raise ValueError(f"teacher state does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+class EmaTeacher(FrozenCopyTeacher):
     """An exponential moving average of the student's parameters.
 
     Decay warms up as in OTTER's code, `d_n = min(decay, (1 + n) / (10 + n))`, so the teacher tracks the
@@ -52,9 +80,8 @@ class EmaTeacher:
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.999):
-        self.module = frozen_copy(model)
+        super().__init__(model)
         self.decay = decay
-        self.num_updates = 0
 
     def current_decay(self) -> float:
         n = self.num_updates
@@ -65,15 +92,15 @@ class EmaTeacher:
         self.num_updates += 1
 
     def state_dict(self) -> dict:
-        return {"module": self.module.state_dict(), "num_updates": self.num_updates, "decay": self.decay}
+        return {"module": self.module_state(), "num_updates": self.num_updates, "decay": self.decay}
 
     def load_state_dict(self, state: dict) -> None:
-        self.module.load_state_dict(state["module"])
+        self.load_module_state(state["module"])
         self.num_updates = int(state["num_updates"])
         self.decay = float(state["decay"])
 
 
-class SnapshotTeacher:
+class SnapshotTeacher(FrozenCopyTeacher):
     """The student as it was at the last refresh; refreshed every `every` steps.
 
     PS-KD's teacher (Kim et al., ICCV 2021) is the model of the previous epoch; this is that teacher
@@ -86,9 +113,8 @@ class SnapshotTeacher:
     def __init__(self, model: nn.Module, every: int):
         if every < 1:
             raise ValueError(f"the snapshot teacher's refresh period (psd_snapshot_every) must be >= 1, got {every}")
-        self.module = frozen_copy(model)
+        super().__init__(model)
         self.every = every
-        self.num_updates = 0
 
     def update(self, model: nn.Module) -> None:
         if self.num_updates % self.every == 0:
@@ -96,10 +122,10 @@ class SnapshotTeacher:
         self.num_updates += 1
 
     def state_dict(self) -> dict:
-        return {"module": self.module.state_dict(), "num_updates": self.num_updates, "every": self.every}
+        return {"module": self.module_state(), "num_updates": self.num_updates, "every": self.every}
 
     def load_state_dict(self, state: dict) -> None:
-        self.module.load_state_dict(state["module"])
+        self.load_module_state(state["module"])
         self.num_updates = int(state["num_updates"])
         self.every = int(state["every"])
 

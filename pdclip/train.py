@@ -32,7 +32,7 @@ from pdclip.data.sampling import make_batches, probe_batch
 from pdclip.distributed import gather_features, world
 from pdclip.features import CachedFeatures, HeadsOnly, cpu_threads
 from pdclip.methods import MethodOutput, method_loss
-from pdclip.models import DualEncoder, model_from_config
+from pdclip.models import DualEncoder, load_trainable_state, model_from_config, trainable_state
 from pdclip.positives import caption_keys, image_keys
 from pdclip.schedules import lr_at, psd_alpha
 from pdclip.teacher import make_teacher
@@ -53,6 +53,8 @@ class Trainer:
         self.cfg, self.eval_fn = cfg, eval_fn
         self.rank, self.world_size = world()
         self.device = pick_device(cfg.device)
+        if self.device.type == "cuda":  # TF32 for the fp32 matmuls and convolutions left outside autocast
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         self.files = RunFiles(Path(cfg.out), cfg, is_main=self.rank == 0)
         torch.manual_seed(cfg.seed)
         self.model = model_from_config(cfg).to(self.device)
@@ -178,13 +180,14 @@ class Trainer:
         return results
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "config": self.cfg.to_dict(), "model": self.model.state_dict(),
+        model, frozen = trainable_state(self.model)  # frozen backbones: their hash, not their ~110 MB
+        return {"step": self.step, "config": self.cfg.to_dict(), "model": model, "frozen": frozen,
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                 "teacher": self.teacher.state_dict() if self.teacher else {}, "rng": rng_state(self.generator)}
 
     def restore(self, ckpt: dict) -> None:
         self.files.check_resumable(ckpt["config"])
-        self.model.load_state_dict(ckpt["model"])
+        load_trainable_state(self.model, ckpt["model"], ckpt.get("frozen", {}))
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
         if self.teacher is not None:
@@ -255,7 +258,8 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """`None` for fp32; "auto" is bf16 on GPUs that have it, fp16 (+ a gradient scaler) on others (T4)."""
     if precision == "auto":
         cuda = device.type == "cuda"
-        precision = "fp32" if not cuda else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        # Native bf16 only (compute capability >= 8): a T4 "supports" it by emulation, slowly.
+        precision = "fp32" if not cuda else "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("precision fp16 needs a CUDA device; use fp32 (or bf16) on a CPU")
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]

@@ -79,3 +79,15 @@ def test_dataset_splits_classes_and_counts():
     assert sample["text"].endswith(")") and sample["index"] == 0
     level2 = build_dataset("clipart", "test", root=ROOT, level=2)
     assert "birds" in level2.zeroshot_tasks["category"].classnames
+
+
+@needs_cache
+def test_max_samples_keeps_an_evenly_spaced_subset_of_the_split():
+    full = build_dataset("clipart", "test", root=ROOT, image_size=32)
+    small = build_dataset("clipart", "test", root=ROOT, image_size=32, max_samples=50)
+    assert len(small) == 50 and set(small.paths) <= set(full.paths)
+    assert small.paths[0] == full.paths[0] and small.paths[-1] == full.paths[-1]  # spans the split
+    assert small.zeroshot_tasks["category"].classnames == full.zeroshot_tasks["category"].classnames
+    assert len(build_dataset("clipart", "test", root=ROOT, max_samples=10**6)) == len(full)
+    with pytest.raises(ValueError, match="max_samples"):
+        build_dataset("clipart", "test", root=ROOT, max_samples=0)

@@ -75,6 +75,9 @@ def test_evaluate_model_oracle_scores_perfectly_and_encodes_once():
             assert out[f"{s}/{key}"] == 1.0, key
         assert "zeroshot/cls/top5" not in out
     assert out["linear_probe/acc"] == 1.0
+    scores = [k for k in out if not k.startswith("chance/") and k not in ("linear_probe/C", "linear_probe/val_acc")]
+    assert sorted(k.removeprefix("chance/") for k in out if k.startswith("chance/")) == sorted(scores)
+    assert all(0 < out[f"chance/{k}"] < 1 for k in scores), "every score comes with its chance level"
 
 
 def test_max_samples_subsets_images_and_their_captions():

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from pdclip.checkpoint import load_checkpoint
 from pdclip.config import METHODS, TrainConfig
 from pdclip.data import build_dataset, clipart
 from pdclip.data.sampling import SeededSamples
@@ -120,6 +121,22 @@ def test_cached_training_equals_the_towers_and_resumes_exactly(tmp_path):
     assert losses(tmp_path / "killed") == pytest.approx(losses(tmp_path / "cached"), abs=1e-6, rel=0)
 
 
+def test_checkpoints_leave_out_the_frozen_backbones_and_check_their_hash(tmp_path, monkeypatch):
+    """A frozen Lite0 + MiniLM pair is ~110 MB that never changes: a checkpoint holds the heads (and
+    the teacher's), the backbones' hashes, and loads back into the same model, or refuses if they differ."""
+    fit(cfg(tmp_path, method="otter", steps=2, save_every=2))
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert set(ckpt["frozen"]) == {"visual.backbone.", "text.backbone."}
+    saved = [k for k in (*ckpt["model"], *ckpt["teacher"]["module"]) if ".backbone." in k]
+    assert not saved and (tmp_path / "run" / "checkpoint.pt").stat().st_size < 5e6
+    model, _ = load_checkpoint(tmp_path / "run")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in ckpt["model"].items())
+    ckpt["frozen"]["visual.backbone."] = "0" * 64  # weights of another package version
+    torch.save(ckpt, tmp_path / "run" / "checkpoint.pt")
+    with pytest.raises(ValueError, match="frozen visual.backbone whose weights differ"):
+        load_checkpoint(tmp_path / "run")
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_trains_from_the_cache(tmp_path, method):
     # The whole training set in every batch: the loss falls whatever the order.
@@ -145,8 +162,6 @@ def test_partial_unfreezing_trains_without_the_cache(tmp_path):
               snapshot_every=0, save_every=0)
     fit(run)
     assert all(math.isfinite(v) for v in losses(tmp_path / "run"))
-    from pdclip.checkpoint import load_checkpoint
-
     trained, _ = load_checkpoint(tmp_path / "run")
     torch.manual_seed(0)
     fresh = create_model("pdclip-vit-tiny", **TOWERS, trainable_blocks=1)

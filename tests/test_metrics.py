@@ -158,3 +158,22 @@ def test_target_quality_oracle_off_diagonal_mass():
     assert out["chance_offdiag_precision"] == pytest.approx(2 / 12)
     with pytest.raises(ValueError, match="sum to 1"):
         metrics.target_quality(torch.ones(4, 4), truth)
+
+
+def test_chance_levels_are_what_random_features_score():
+    """Chance is a claim about models that know nothing: random features must score about it."""
+    g = torch.Generator().manual_seed(0)
+    n, c = 400, 8
+    labels = torch.cat([torch.zeros(200, dtype=torch.long), torch.randint(1, c, (200,), generator=g)])  # unbalanced
+    chance = metrics.zeroshot_chance(labels, c)
+    assert chance["top1"] == 0.5 and chance["mean_per_class_recall"] == 1 / c  # the majority class wins top-1
+    text_to_image = torch.arange(n).repeat(2)  # two captions per image
+    rc = metrics.retrieval_chance(text_to_image, n)
+    assert rc["t2i_R@5"] == 5 / n and abs(rc["i2t_R@1"] - 2 / (2 * n)) < 1e-12
+    rand = lambda m: torch.nn.functional.normalize(torch.randn(m, 64, generator=g), dim=-1)  # noqa: E731
+    scores = [metrics.retrieval_metrics(rand(n), rand(2 * n), text_to_image) for _ in range(20)]
+    for key in ("i2t_R@10", "t2i_R@10"):
+        mean = sum(s[key] for s in scores) / len(scores)
+        assert abs(mean - rc[key]) < 0.01, (key, mean, rc[key])
+    balanced = [metrics.zeroshot_metrics(rand(n), rand(c), labels)["mean_per_class_recall"] for _ in range(50)]
+    assert abs(sum(balanced) / 50 - 1 / c) < 0.02

@@ -36,6 +36,12 @@ CHECKS = {
                      and r["identity_max_diff"] < 1e-6 and r["control_cos_gap"] < 1e-12 < r["default_cos_gap"]),
     "04": lambda r: (r["pdclip_vs_pot"] < 1e-6 and r["otter_targets_vs_hand"] < 1e-6
                      and r["unmasked_diagonal_mass"] > 0.9 and r["masked_same_concept_mass"] > 0.9),
+    # 09 trains both recipes on local shards: checkpoints written, one feature file per shard, a cut-short
+    # shard refused, and the frozen recipe's held-out retrieval above chance (R@k = k/N).
+    "09": lambda r: (r["frozen_checkpoint"] and r["full_checkpoint"] and r["feature_files"] == r["n_shards"]
+                     and r["truncated_shard_rejected"] and r["frozen_i2t_R@5"] > r["chance_R@5"]
+                     and r["frozen_t2i_R@5"] > r["chance_R@5"] and r["full_i2t_R@10"] >= 0
+                     and r["tower_pairs_per_s"] > 0 and r["head_pairs_per_s"] > r["tower_pairs_per_s"]),
 }
 
 

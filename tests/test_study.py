@@ -55,7 +55,7 @@ def test_a_variant_sets_loss_or_training_fields(tmp_path):
 
 
 def test_expand_rejects_an_unknown_setting():
-    preset = {"base": {"n_train": 10}, "experiments": {"x": {"dataset": "synthetic", "settings": ["frozen"]}}}
+    preset = {"base": {"n_train": 10}, "experiments": {"x": {"dataset": "synthetic", "settings": ["frozen-typo"]}}}
     with pytest.raises(ValueError, match="unknown settings"):
         study.expand(preset)
 
@@ -109,7 +109,7 @@ def _fake_eval_run(cell, base, cell_dir):
     acc = 0.2 + 0.02 * study.METHODS.index(cell["method"]) + 0.01 * cell["seed"] - 0.1 * cell["noise"]
     keys = [f"{s}/{study.HEADLINE}" for s in ("val", "test")] + [f"test/{study.HEADLINE.replace('top1', 'hit@1')}",
             "test/retrieval/i2t_R@1", "test/retrieval/t2i_R@1", "linear_probe/acc"]
-    metrics = {k: acc for k in keys} | {f"shift/{study.HEADLINE}": acc * 0.8}
+    metrics = {k: acc for k in keys} | {f"shift/{study.HEADLINE}": acc * 0.8} | {f"chance/{k}": 0.01 for k in keys}
     quality = [{"step": s, "i2t/true_mass": 0.9, "i2t/offdiag_precision": 0.3, "i2t/chance_offdiag_precision": 0.1,
                 "i2t/chance_true_mass": 0.05} for s in (0, 10)]
     return {"cell": cell, "metrics": metrics, "target_quality": quality, "train_s": 1.0, "wall_s": 2.0}
@@ -124,7 +124,8 @@ def test_write_report_fills_its_block_and_keeps_the_text_around_it(tmp_path):
     text = doc.read_text()
     assert text.startswith("# Results\nhand-written intro\n") and text.endswith("outro\n") and "stale" not in text
     assert "30 of 30 runs finished" in text and "| synthetic, scratch, ν=0.8, n=2000 | otter | 3 |" in text
-    assert "otter helps ZS top-1 at synthetic, scratch, ν=0, n=2000 (+8.0 ± 0.0 points)" in text
+    assert "otter helps ZS at synthetic, scratch, ν=0, n=2000 (+8.0 ± 0.0 points)" in text
+    assert "| synthetic, scratch, ν=0.8, n=2000 | *chance* | | 1.0 |" in text  # next to every condition
     assert {p.name for p in (tmp_path / "figures").iterdir()} == {
         "quick_accuracy_vs_noise.png", "quick_gain_vs_noise.png", "quick_effective_robustness.png",
         "quick_target_quality.png"}
@@ -155,3 +156,15 @@ def test_paired_gains_by_variant_compare_ablations_with_the_default(tmp_path):
     rows = study.run_grid(study.expand(preset), preset["base"], tmp_path, run_fn=run, log=lambda _: None)
     (gains,) = study.paired_gains(rows, lambda r: r["metrics"]["x"], by="variant").values()
     assert list(gains) == ['{"psd_subset": 1.0}'] and gains['{"psd_subset": 1.0}'][0] == pytest.approx(0.05)
+
+
+def test_frozen_preset_trains_heads_on_cached_features_with_five_seeds(tmp_path):
+    """The main comparison's regime: the shipped frozen_cpu towers, clip-art noise as caption noise."""
+    cells = study.expand(study.PRESETS["frozen"])
+    assert {c["seed"] for c in cells} == {0, 1, 2, 3, 4}
+    clipart = next(c for c in cells if c["dataset"] == "clipart" and c["noise"] == 0.4 and c["method"] == "clip")
+    cfg = study.train_config(clipart, study.PRESETS["frozen"]["base"], tmp_path)
+    assert cfg.feature_cache and cfg.freeze_image and cfg.freeze_text and cfg.pretrained_image == "efficientnet_lite0"
+    assert cfg.data_kwargs == {"cache_size": 128, "caption_noise": 0.4} and cfg.batch_size == 128
+    synthetic = next(c for c in cells if c["dataset"] == "synthetic" and c["noise"] == 0.6)
+    assert study.train_config(synthetic, study.PRESETS["frozen"]["base"], tmp_path).data_kwargs["p_vague"] == 0.3

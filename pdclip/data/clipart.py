@@ -191,6 +191,8 @@ class ClipArt(Dataset):
         augment: random shifts on the images; default only for "train".
         caption_noise: fraction of training captions given to another training image (ignored by
             "val" and "test"); noise_seed: seeds which captions move and where.
+        max_samples: keep at most this many images of the split, evenly spaced over it (None: all);
+            a quick run (the notebooks' smoke mode) then decodes and encodes only those.
 
     Attributes:
         texts: the caption of each sample (noisy on "train"); clean_texts: before the noise.
@@ -202,13 +204,16 @@ class ClipArt(Dataset):
 
     def __init__(self, split: str = "train", root: str | Path = DEFAULT_ROOT, image_size: int = 64,
                  cache_size: int = 64, level: int = 1, min_per_class: int = 30,
-                 augment: bool | None = None, caption_noise: float = 0.0, noise_seed: int = 0) -> None:
+                 augment: bool | None = None, caption_noise: float = 0.0, noise_seed: int = 0,
+                 max_samples: int | None = None) -> None:
         if split not in SPLIT_RANGES:
             raise ValueError(f"clipart split must be one of {tuple(SPLIT_RANGES)}, got {split!r}")
         if level not in (1, 2):
             raise ValueError(f"level must be 1 or 2, got {level}")
         if not 0.0 <= caption_noise <= 1.0:
             raise ValueError(f"caption_noise must be in [0, 1], got {caption_noise}")
+        if max_samples is not None and max_samples < 1:
+            raise ValueError(f"max_samples must be None or >= 1, got {max_samples}")
         root = Path(root)
         npy, meta_path = cache_paths(root, cache_size)
         if not (npy.exists() and meta_path.exists()) and not fetch(root, cache_size):
@@ -221,6 +226,8 @@ class ClipArt(Dataset):
         lookup = {c: k for k, c in enumerate(self.classnames_raw)}
         rows = [i for i, (p, c) in enumerate(zip(meta["paths"], cats, strict=True))
                 if c in lookup and split_of(p) == split]
+        if max_samples is not None and max_samples < len(rows):  # evenly spaced: every class keeps its share
+            rows = [rows[k] for k in np.linspace(0, len(rows) - 1, max_samples).round().astype(int)]
         self.images = np.load(npy, mmap_mode="r")
         self.rows = np.array(rows, dtype=np.int64)
         self.paths = [meta["paths"][i] for i in rows]

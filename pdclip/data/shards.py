@@ -71,6 +71,35 @@ def open_shard(url: str):
     return open(url, "rb")
 
 
+def is_complete_shard(path: str | Path) -> bool:
+    """Whether a local file is a finished tar: it ends in the end-of-archive marker (two zero blocks).
+
+    A download or copy cut short ends inside a member, so it is not mistaken for a shard; downloaders
+    that write to a temporary name (`.incomplete`, `.tmp`, as `write_shards` does) never match a URL.
+    """
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size < 1024:
+        return False
+    with open(path, "rb") as f:
+        f.seek(-1024, os.SEEK_END)
+        return f.read() == bytes(1024)
+
+
+def require_shards(urls: str | Iterable[str], how: str = "") -> list[str]:
+    """The expanded URLs of `urls` when every local one is a complete shard; else a FileNotFoundError
+    naming what is missing or incomplete, and `how` to get it. http(s) URLs are not checked."""
+    expanded = expand_urls(urls)
+    missing = [u for u in expanded if "://" not in u and not Path(u).is_file()]
+    partial = [u for u in expanded if "://" not in u and Path(u).is_file() and not is_complete_shard(u)]
+    if missing or partial:
+        lines = [f"{len(missing)} of {len(expanded)} shards missing" + (f" (first: {missing[0]})" if missing else "")]
+        if partial:
+            lines.append(f"{len(partial)} incomplete (cut short, e.g. an interrupted download; delete and fetch "
+                         f"again): {partial[:3]}")
+        raise FileNotFoundError("; ".join(lines) + (f". To get them: {how}" if how else ""))
+    return expanded
+
+
 def is_safe(name: str) -> bool:
     """A member name is safe when relative and free of `..`: it cannot escape an extraction dir."""
     path = PurePosixPath(name)
@@ -187,6 +216,13 @@ class ShardDataset(IterableDataset):
                     decoded = decode_sample(raw, self.stats)
                     if decoded is not None:
                         yield decoded
+
+    def shard_samples(self, url: str) -> Iterator[dict]:
+        """The good samples of one shard in order, transformed, with no rank / worker split and no
+        subset: what `pdclip.features.shard_features` extracts, shard by shard."""
+        for image, text, meta in self._decoded([url]):
+            yield {"image": self.transform(image), "text": text,
+                   **({"label": meta["label"]} if isinstance(meta.get("label"), int) else {})}
 
     def __iter__(self) -> Iterator[dict]:
         urls, slot, slots = self._my_share()

@@ -61,6 +61,10 @@ class SyntheticCaptions(Dataset):
         scenes: the `Scenes` arrays (true attributes); claims: the `Claims` of `texts`.
     """
 
+    # Knobs that change only the captions (scenes are drawn before the noise): a feature cache of the
+    # images leaves them out of its key, so every noise level reuses one extraction.
+    caption_only_kwargs = ("p_mismatch", "p_vague")
+
     def __init__(self, split: str = "train", image_size: int = 64, n_train: int = 2000, n_eval: int = 1000,
                  n_shapes: int = 8, n_colours: int = 6, max_objects: int = 2, relations: bool = True,
                  synonyms: bool = True, p_mismatch: float = 0.2, p_vague: float = 0.2,
