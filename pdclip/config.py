@@ -44,7 +44,7 @@ class LossConfig:
     #   "snapshot": the student of up to psd_snapshot_every steps ago, refreshed on that schedule
     #     (PS-KD's previous-epoch teacher; one extra teacher forward);
     #   "intra": image–image and text–text similarities of the same forward (as KD / OTTER read them).
-    # The default is provisional: chosen on validation data (docs/methods.md §5).
+    # The default was chosen on validation data, in the study's PSD ablation (docs/methods.md §5).
     psd_teacher: str = "ema"
     psd_snapshot_every: int = 50  # steps between refreshes of the "snapshot" teacher (PS-KD: one epoch)
 

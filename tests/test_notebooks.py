@@ -36,6 +36,15 @@ CHECKS = {
                      and r["identity_max_diff"] < 1e-6 and r["control_cos_gap"] < 1e-12 < r["default_cos_gap"]),
     "04": lambda r: (r["pdclip_vs_pot"] < 1e-6 and r["otter_targets_vs_hand"] < 1e-6
                      and r["unmasked_diagonal_mass"] > 0.9 and r["masked_same_concept_mass"] > 0.9),
+    # 06-08 train frozen pretrained towers (cached features): every method at least 3x chance on its main
+    # metric, above the from-scratch contrast; 07's teachers point at true matches, the scratch one less so.
+    "06": lambda r: (all(r[f"{m}_zeroshot"] > 3 * r["chance_zeroshot"]
+                         for m in ("clip", "psd", "otter_paper_start", "otter_clip_start"))
+                     and r["clip_zeroshot"] > r["scratch_zeroshot"] and r["clip_i2t_R@1"] > 3 * r["chance_R@1"]),
+    "07": lambda r: (max(r["psd_precision"], r["otter_precision"]) > 2 * r["chance_precision"]
+                     and r["otter_precision"] > r["scratch_otter_precision"]),
+    "08": lambda r: (all(r[f"{m}_zeroshot"] > 3 * r["chance_zeroshot"] for m in ("clip", "ls", "kd", "psd", "otter"))
+                     and all(r[f"{m}_probe"] > 2 * r["chance_probe"] for m in ("clip", "ls", "kd", "psd", "otter"))),
     # 09 trains both recipes on local shards: checkpoints written, one feature file per shard, a cut-short
     # shard refused, and the frozen recipe's held-out retrieval above chance (R@k = k/N).
     "09": lambda r: (r["frozen_checkpoint"] and r["full_checkpoint"] and r["feature_files"] == r["n_shards"]

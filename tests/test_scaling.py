@@ -9,6 +9,7 @@
 
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -59,7 +60,8 @@ def test_shard_cache_holds_the_backbone_features_one_file_per_shard(tmp_path, mo
 
     more = CachedFeatures(model, "shards", "train", {"urls": train}, root=tmp_path)  # one shard added
     log = capsys.readouterr().out
-    assert log.count("feature cache: reading") >= 2 and log.count(f"extracted {train[2]}") == 1
+    assert log.count(f"extracted {train[2]}") == 1 and f"extracted {train[0]}" not in log  # the new shard only
+    assert f"extracted {train[1]}" not in log and log.count("feature cache: reading") >= 2
     assert len(more) == 24
     np.testing.assert_array_equal(more.get_batch([(0, 5)])["image_raw"], cache.get_batch([(0, 5)])["image_raw"])
 
@@ -106,7 +108,7 @@ def test_missing_and_cut_short_shards_say_how_to_get_them(tmp_path, shards):
     with pytest.raises(FileNotFoundError, match=r"1 of 2 shards missing .*To get them: run the download"):
         require_shards([train[0], str(tmp_path / "absent.tar")], how="run the download")
     cut = tmp_path / "cut.tar"
-    cut.write_bytes(open(train[0], "rb").read()[:3000])  # an interrupted download
+    cut.write_bytes(Path(train[0]).read_bytes()[:3000])  # an interrupted download
     assert not is_complete_shard(cut) and not is_complete_shard(tmp_path / "absent.tar")
     with pytest.raises(FileNotFoundError, match="1 incomplete"):
         require_shards(str(cut))
