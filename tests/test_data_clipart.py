@@ -91,3 +91,22 @@ def test_max_samples_keeps_an_evenly_spaced_subset_of_the_split():
     assert len(build_dataset("clipart", "test", root=ROOT, max_samples=10**6)) == len(full)
     with pytest.raises(ValueError, match="max_samples"):
         build_dataset("clipart", "test", root=ROOT, max_samples=0)
+
+
+def test_build_cache_writes_the_kept_images_through_memory_maps(tmp_path):
+    """Skipped files leave no gap and no temporary file; the cache is an ordinary .npy."""
+    from PIL import Image
+
+    from pdclip.data.clipart import build_cache, cache_paths
+
+    png = tmp_path / "png" / "animals"
+    png.mkdir(parents=True)
+    for i, colour in enumerate(("red", "green", "blue")):
+        Image.new("RGB", (40, 20 + 10 * i), colour).save(png / f"cat_{i}.png")
+    (png / "broken.png").write_bytes(b"not a png")
+    counts = build_cache(tmp_path / "png", tmp_path, 16, workers=1)
+    assert counts["ok"] == 3 and counts["undecodable"] == 1
+    images = np.load(cache_paths(tmp_path, 16)[0])
+    assert images.shape == (3, 16, 16, 3) and images.dtype == np.uint8
+    assert images[1, 8, 8].tolist() == [0, 128, 0]  # green, kept in file order
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images_16px.json", "images_16px.npy", "png"]

@@ -112,20 +112,31 @@ def cache_paths(root: Path, size: int) -> tuple[Path, Path]:
 
 
 def build_cache(png_dir: Path, root: Path, size: int, workers: int = 2) -> dict:
-    """Decode every PNG once (progress bar) into `images_{size}px.npy` + `.json`; return the stats."""
+    """Decode every PNG once (progress bar) into `images_{size}px.npy` + `.json`; return the stats.
+
+    Decoded images go straight into memory-mapped files, never into one big array: at 128 px the cache
+    is ~400 MB, which a list plus `np.stack` held twice in memory (a notebook on Binder's 2 GB).
+    """
     files = sorted(png_dir.rglob("*.png"))
-    images, kept, counts = [], [], {"ok": 0, "over_bomb_limit": 0, "over_bomb_warning": 0, "undecodable": 0}
+    kept, counts = [], {"ok": 0, "over_bomb_limit": 0, "over_bomb_warning": 0, "undecodable": 0}
+    npy, meta = cache_paths(root, size)
+    part, tmp = npy.with_suffix(".part.npy"), npy.with_suffix(".tmp.npy")
+    decoded = np.lib.format.open_memmap(part, mode="w+", dtype=np.uint8, shape=(len(files), size, size, 3))
     with Pool(workers) as pool:
         jobs = [(str(f), size) for f in files]
         results = pool.imap(decode, jobs, chunksize=16)
         for f, (pixels, status) in tqdm(zip(files, results, strict=True), total=len(files), desc="decode clip art"):
             counts[status] += 1
             if pixels is not None:
-                images.append(pixels)
+                decoded[len(kept)] = pixels
                 kept.append(f.relative_to(png_dir).as_posix())
-    npy, meta = cache_paths(root, size)
-    tmp = npy.with_suffix(".tmp.npy")
-    np.save(tmp, np.stack(images))
+    final = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(kept), size, size, 3))
+    for start in range(0, len(kept), 1024):  # the kept rows (skipped files left unused rows at the end)
+        stop = min(start + 1024, len(kept))
+        final[start:stop] = decoded[start:stop]
+    final.flush()
+    del final, decoded
+    part.unlink()
     os.replace(tmp, npy)  # atomic: a half-written cache is never mistaken for a finished one
     meta.write_text(json.dumps({"size": size, "source": str(png_dir), "counts": counts, "paths": kept}))
     return counts
@@ -257,9 +268,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pdclip.data.clipart", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["fetch"])
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT)
-    parser.add_argument("--size", type=int, default=64, help="cache resolution in pixels")
+    parser.add_argument("--size", type=int, nargs="+", default=[64, 128],
+                        help="cache resolutions in pixels (64: the from-scratch towers; 128: the pretrained ones)")
     args = parser.parse_args(argv)
-    fetch(args.root, args.size)
+    for size in args.size:
+        fetch(args.root, size)
     return 0  # unavailable data is not an error: the clip-art tests then skip with HOW_TO_GET
 
 
