@@ -47,7 +47,7 @@ def plot_effective_robustness(
     Returns:
         The Axes.
     """
-    ax = _new_axes(ax, width=4.8, height=4.2)
+    ax = _new_axes(ax, width=7.0, height=4.2)  # room for the legend beside the axes
     id_acc, shift_acc = np.asarray(id_acc, dtype=float), np.asarray(shift_acc, dtype=float)
     if not len(id_acc) == len(shift_acc) == len(names):
         raise ValueError("id_acc, shift_acc and names must have one entry per model")
@@ -58,37 +58,16 @@ def plot_effective_robustness(
     grid = 1 / (1 + np.exp(-np.linspace(np.log(lo / (1 - lo)), np.log(hi / (1 - hi)), 100)))
     ax.plot(grid, grid, ls=":", c="0.6", lw=1, label="y = x (no shift penalty)")
     ax.plot(grid, trend_accuracy(grid, slope, intercept), c="0.3", lw=1.5, label="baseline trend")
-    ax.scatter(id_acc[is_base], shift_acc[is_base], c="0.5", marker="s", zorder=3, label="baselines")
-    ax.scatter(id_acc[~is_base], shift_acc[~is_base], c="C3", zorder=3, label="models")
+    # One colour per model, named in the legend beside the plot: models a point apart stay readable
+    # (text labels next to clumped points overlapped each other or the markers).
+    for i, (x, y, name, base) in enumerate(zip(id_acc, shift_acc, names, is_base, strict=True)):
+        ax.scatter(x, y, color=f"C{i % 10}", marker="s" if base else "o", edgecolors="0.2", zorder=3,
+                   label=f"{name} (baseline)" if base else name)
     _percent_logit_axes(ax, lo, hi)
-    annotate_without_overlap(ax, id_acc, shift_acc, names)
     ax.set_xlabel("in-distribution accuracy")
     ax.set_ylabel("shifted accuracy")
     ax.set_title(title)
-    ax.legend(fontsize=8, loc="upper left")
-    return ax
-
-
-# Label positions tried in turn, in points from the marker: right/up first, then around it, then further out.
-_OFFSETS = [(5, 4), (5, -11), (-5, 4), (-5, -11), (5, 14), (5, -21), (-5, 14), (-5, -21), (5, 24), (5, -31)]
-
-
-def annotate_without_overlap(ax, xs: Sequence[float], ys: Sequence[float], names: Sequence[str], fontsize: int = 8):
-    """Label each point with its name, moving a label around its point until it overlaps no earlier label.
-
-    Greedy and deterministic: points are labelled from top to bottom, each at the first offset in
-    `_OFFSETS` whose box is clear (the last one if none is). Call it after the axes' limits are set.
-    """
-    placed = []
-    for k in sorted(range(len(names)), key=lambda i: -ys[i]):
-        for dx, dy in _OFFSETS:
-            label = ax.annotate(names[k], (xs[k], ys[k]), textcoords="offset points", xytext=(dx, dy),
-                                fontsize=fontsize, ha="left" if dx > 0 else "right")
-            box = label.get_window_extent().expanded(1.05, 1.1)
-            if not any(box.overlaps(other) for other in placed) or (dx, dy) == _OFFSETS[-1]:
-                placed.append(box)
-                break
-            label.remove()
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     return ax
 
 
