@@ -302,10 +302,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # Frozen features for every metric: no augmentation, the training split included (linear probe).
     kwargs = {"image_size": model.image_size, **(cfg.data_kwargs if same_data else {}), "augment": False}
     if args.feature_cache:  # the same numbers as the full towers (tests/test_features.py), far cheaper
-        from pdclip.features import CachedFeatures, HeadsOnly
+        from pdclip.features import cached_splits
 
-        datasets = {s: CachedFeatures(model, args.dataset, s, kwargs, root=cfg.feature_cache_dir) for s in splits}
-        encoder = HeadsOnly(model, datasets.values())
+        encoder, datasets = cached_splits(model, args.dataset, splits, kwargs, cfg.feature_cache_dir)
     else:
         datasets, encoder = {s: build_dataset(args.dataset, s, **kwargs) for s in splits}, model
     results = evaluate_model(encoder, datasets, device=args.device, batch_size=args.batch_size,

@@ -422,6 +422,14 @@ def cpu_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def cached_splits(model: nn.Module, dataset: str, splits: Iterable[str], data_kwargs: dict,
+                  root: str | Path | None = None) -> tuple[HeadsOnly, dict[str, CachedFeatures]]:
+    """Each split's cached backbone features and the heads-only view of `model` that reads them: what
+    `pdclip.evaluate.evaluate_model` takes to score a frozen-tower model without running its backbones."""
+    cached = {s: CachedFeatures(model, dataset, s, data_kwargs, root=root) for s in splits}
+    return HeadsOnly(model, cached.values()), cached
+
+
 class HeadsOnly(nn.Module):
     """A dual encoder with frozen backbones, seen through its heads: it takes backbone features.
 

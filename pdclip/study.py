@@ -220,14 +220,13 @@ def _run_cell(cell: dict, base: dict, cell_dir: Path) -> dict:
     model, _ = load_checkpoint(summary["checkpoint"], "cpu")
     kwargs = {"image_size": model.image_size, **cfg.data_kwargs, "augment": False}  # frozen features
     splits = ("train", "val", "test") + (("shift",) if cell["dataset"] == "synthetic" else ())
-    datasets = {s: build_dataset(cfg.dataset, s, **kwargs) for s in splits}
-    encoder, inputs = model, datasets
     if cfg.feature_cache:  # the heads on the cached backbone features: the full towers' numbers, cheaper
-        from pdclip.features import CachedFeatures, HeadsOnly
+        from pdclip.features import cached_splits
 
-        inputs = {s: CachedFeatures(model, cfg.dataset, s, kwargs, root=cfg.feature_cache_dir) for s in splits}
-        encoder = HeadsOnly(model, inputs.values())
-    scores = evaluate_model(encoder, inputs, max_samples=base["n_eval"])
+        encoder, datasets = cached_splits(model, cfg.dataset, splits, kwargs, cfg.feature_cache_dir)
+    else:
+        encoder, datasets = model, {s: build_dataset(cfg.dataset, s, **kwargs) for s in splits}
+    scores = evaluate_model(encoder, datasets, max_samples=base["n_eval"])
     quality = (run_target_quality(cfg.out, datasets["train"], cfg.loss.mix_alpha)
                if hasattr(datasets["train"], "true_correspondence") else [])
     Path(summary["checkpoint"]).unlink()  # ~40 MB each; the results are all in result.json
