@@ -197,9 +197,11 @@ def gains_table(rows: list[dict], by: str = "method",
         for arm in sorted(gains[columns[0]][group], key=lambda a: METHODS.index(a) if by == "method" else a):
             stats = [gains[c][group].get(arm, (math.nan, math.nan, 0)) for c in columns]
             label = f"{arm} ({CONTROLS[arm]})" if arm in CONTROLS else arm
-            lines.append(f"| {condition(group)} | {label} | " + " | ".join(_cell_text(s, True) for s in stats) + " |")
+            real = [abs(m) > max(h, MIN_EFFECT) for m, h, _ in stats]  # NaN widths (one seed) never pass
+            lines.append(f"| {condition(group)} | {label} | " + " | ".join(
+                f"**{_cell_text(s, True)}**" if r else _cell_text(s, True) for s, r in zip(stats, real, strict=True)) + " |")
             verdicts += [f"{label} {'helps' if m > 0 else 'hurts'} {c} at {condition(group)} ({m:+.1f} ± {h:.1f} points)"
-                         for c, (m, h, _) in zip(columns, stats, strict=True) if abs(m) > max(h, MIN_EFFECT)]
+                         for c, (m, h, _), r in zip(columns, stats, real, strict=True) if r]
     return lines, verdicts
 
 
@@ -233,7 +235,7 @@ def experiment_section(name: str, experiment: dict, rows: list[dict]) -> list[st
             "truly describe the image, at the end of training; chance: that share for mass spread uniformly. "
             "For PSD it scores the teacher's predictions; with `psd_teacher=self` those are the student's own.", "",
             f"Paired gain over {'CLIP' if by == 'method' else 'the default variant'} "
-            "(same seed: same initialisation and batches):", "", *gains, "",
+            "(same seed: same initialisation and batches); **bold**: a verdict:", "", *gains, "",
             f"Differences whose 95 % CI excludes zero and that exceed {MIN_EFFECT:g} point: "
             + ("; ".join(verdicts) if verdicts else "none") + ".", ""]
 

@@ -31,7 +31,8 @@ CHECKS = {
     "01": lambda r: (r["max_diff_pdclip"] < 1e-5 and r["max_diff_open_clip"] < 1e-5
                      and abs(r["loss_at_t0"] - r["log_batch_size"]) < 1e-4),
     "02": lambda r: (r["diff_identity"] < 1e-5 and abs(r["ls_final_loss"] - r["ls_floor"]) < 0.01
-                     and r["kd_mass_same_concept"] > 2 * r["ls_mass_same_concept"]),
+                     and r["kd_mass_same_concept"] > 2 * r["ls_mass_same_concept"]
+                     and r["multi_positive_change_identical"] < 1e-5 < 0.01 < r["multi_positive_change_differing"]),
     "03": lambda r: (all(0.0 <= r[f"{v}_concept_acc"] <= 1.0 for v in ("naive", "clip", "psd"))
                      and r["identity_max_diff"] < 1e-6 and r["control_cos_gap"] < 1e-12 < r["default_cos_gap"]),
     "04": lambda r: (r["pdclip_vs_pot"] < 1e-6 and r["otter_targets_vs_hand"] < 1e-6

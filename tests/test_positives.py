@@ -97,6 +97,32 @@ def test_every_method_mixes_into_the_multi_positive_base(features, method):
         torch.testing.assert_close(out.loss, 0.5 * hard + 0.5 * soft)
 
 
+@pytest.mark.parametrize("method", [*METHODS, "psd-whole-batch"])
+def test_multi_positive_is_a_no_op_when_identical_captions_embed_identically(features, method):
+    """A deterministic text tower gives identical captions identical embeddings. Then the rows of a
+    duplicate group predict alike and the batch loss depends only on each group's summed target mass,
+    which the multi-positive base leaves unchanged: loss and encoder gradients equal CLIP's targets'
+    (docs/methods.md §8). PSD's random subset mixes duplicate rows with different weights and so does
+    change them."""
+    group = torch.tensor([0, 1, 0, 2, 3, 3])  # CAPTIONS' normalised strings: 0 <-> 2 and 4 <-> 5
+    img, table = features(len(CAPTIONS), seed=7)
+
+    def loss_and_grads(multi_positive):
+        extra = {"psd_subset": 1.0} if method == "psd-whole-batch" else {}
+        cfg = LossConfig(method=method.removesuffix("-whole-batch"), multi_positive=multi_positive, **extra)
+        u, emb = img.clone().requires_grad_(), table.clone().requires_grad_()
+        txt = emb[group]  # one embedding per distinct caption, shared by its copies
+        out = method_loss(cfg, u, txt, torch.tensor(20.0), logit_scale_soft=torch.tensor(30.0),
+                          teacher_image_features=u.detach().flip(0), teacher_text_features=txt.detach().flip(0),
+                          teacher_logit_scale=torch.tensor(15.0), alpha=0.4,
+                          generator=torch.Generator().manual_seed(1), caption_keys=caption_keys(CAPTIONS))
+        return out.loss, *torch.autograd.grad(out.loss, (u, emb))
+
+    plain, multi = loss_and_grads(False), loss_and_grads(True)
+    same = all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, multi, strict=True))
+    assert same == (method != "psd"), [(a - b).abs().max().item() for a, b in zip(plain, multi, strict=True)]
+
+
 def test_multi_positive_needs_keys_and_positive_images_needs_multi_positive(features):
     img, txt = features(4)
     with pytest.raises(ValueError, match="multi_positive needs caption_keys"):

@@ -125,6 +125,7 @@ def test_write_report_fills_its_block_and_keeps_the_text_around_it(tmp_path):
     assert text.startswith("# Results\nhand-written intro\n") and text.endswith("outro\n") and "stale" not in text
     assert "30 of 30 runs finished" in text and "| synthetic, scratch, ν=0.8, n=2000 | otter | 3 |" in text
     assert "otter helps ZS at synthetic, scratch, ν=0, n=2000 (+8.0 ± 0.0 points)" in text
+    assert "| synthetic, scratch, ν=0, n=2000 | otter | **+8.0 ± 0.0** |" in text  # the verdict, in bold
     assert "| synthetic, scratch, ν=0.8, n=2000 | *chance* | | 1.0 |" in text  # next to every condition
     assert {p.name for p in (tmp_path / "figures").iterdir()} == {
         "quick_accuracy_vs_noise.png", "quick_gain_vs_noise.png", "quick_effective_robustness.png",
@@ -168,3 +169,22 @@ def test_frozen_preset_trains_heads_on_cached_features_with_five_seeds(tmp_path)
     assert cfg.data_kwargs == {"cache_size": 128, "caption_noise": 0.4} and cfg.batch_size == 128
     synthetic = next(c for c in cells if c["dataset"] == "synthetic" and c["noise"] == 0.6)
     assert study.train_config(synthetic, study.PRESETS["frozen"]["base"], tmp_path).data_kwargs["p_vague"] == 0.3
+
+
+def test_feature_caches_are_built_once_per_dataset_before_the_cells_run(tmp_path, monkeypatch):
+    """Parallel cells must not extract the same cache side by side: `run_grid` builds each dataset's
+    caches first, once, and a second call finds them all."""
+    from pdclip import features
+
+    monkeypatch.setattr(features, "DEFAULT_ROOT", tmp_path / "cache")
+    base = {**study.PRESETS["frozen"]["base"], "n_train": 16, "n_eval": 8}
+    preset = {"base": base, "experiments": {"x": {"dataset": "synthetic", "settings": ["frozen"], "noise": [0.0],
+                                                  "methods": ["clip", "psd"]}}}
+    cells = study.expand(preset, seeds=(0, 1))
+    logged: list[str] = []
+    study.build_feature_caches(cells, base, logged.append)
+    files = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("*.npy")}
+    assert len(logged) == 1  # four cells, one dataset
+    assert len(files) == 8  # train, val, test, shift: images and captions each
+    study.build_feature_caches(cells, base, logged.append)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("*.npy")} == files  # read, not rewritten
