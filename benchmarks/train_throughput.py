@@ -4,10 +4,11 @@
     python benchmarks/train_throughput.py --model RN50 --batch-size 256 --workers 8   # GPU: 224 px, AMP
 
 1. The same model config, batch size, precision, worker and thread count trained by `python -m
-   pdclip.train --method clip` and by `python -m open_clip_train.main --dataset-type synthetic` (one
-   subprocess each, alternated for `--rounds` rounds). Both report per-step samples/s including data
-   loading; we print the medians after a warm-up. The data differ in cost: pdclip renders its synthetic
-   scenes, open_clip transforms one blank image, so the ratio is a lower bound on the loop itself.
+   pdclip.train --method clip` and by `python -m open_clip_train.main` (one subprocess each, alternated
+   for `--rounds` rounds). Both report per-step samples/s including data loading; we print the medians
+   after a warm-up. First each on its own synthetic data, which differ in cost (pdclip renders scenes,
+   open_clip transforms one blank image); then both on the same webdataset shards (PNG, written here),
+   where the data cost is equal and the ratio measures the loops.
 2. Every method (and PSD with each kind of teacher) with pdclip's `Trainer`, all built in this process
    and stepped in turn on the same pre-loaded batches (clip, ls, ..., clip, ls, ...): median step time
    and its ratio to CLIP's, side by side. PSD with a free teacher ("self", "intra") should cost about
@@ -32,11 +33,16 @@ import torch
 from loss_overhead import VARIANTS, interleaved_medians
 
 from pdclip.config import TrainConfig
+from pdclip.data import build_dataset
+from pdclip.data.shards import write_shards
 from pdclip.models import CONFIG_DIR
 from pdclip.train import Trainer
 
 OPEN_CLIP_PRECISION = {"fp32": "fp32", "bf16": "amp_bf16", "fp16": "amp"}
-RUN_OPEN_CLIP = ("import sys, open_clip; open_clip.add_model_config(sys.argv[1]); "
+# webdataset >= 0.2.96 ends each tar with an empty dict that open_clip_train's reader cannot take
+# (mlfoundations/open_clip#935); its maintainers' fix is `eof_value=None`, applied here.
+RUN_OPEN_CLIP = ("import functools, sys, open_clip, open_clip_train.data as d; open_clip.add_model_config(sys.argv[1]); "
+                 "d.tar_file_expander = functools.partial(d.tar_file_expander, eof_value=None); "
                  "from open_clip_train.main import main; main(sys.argv[2:])")
 
 
@@ -51,11 +57,13 @@ def thread_env(threads: int) -> dict[str, str]:
     return {**os.environ, **{k: str(threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}}
 
 
-def pdclip_rates(args, method: str, out: Path) -> list[float]:
-    """Per-step samples/s of `python -m pdclip.train`."""
+def pdclip_rates(args, method: str, out: Path, shards: str | None = None) -> list[float]:
+    """Per-step samples/s of `python -m pdclip.train` (on its synthetic source, or on `shards`)."""
+    data = ["--dataset=shards", f"--data_kwargs={json.dumps({'urls': shards})}"] if shards else [
+        f"--data_kwargs={json.dumps({'n_train': args.batch_size * 8})}"]
     cmd = [sys.executable, "-m", "pdclip.train", f"--method={method}", f"--model={args.model}",
            f"--steps={args.steps}", f"--batch_size={args.batch_size}", f"--precision={args.precision}",
-           f"--num_workers={args.workers}", f"--data_kwargs={json.dumps({'n_train': args.batch_size * 8})}",
+           f"--num_workers={args.workers}", *data,
            "--snapshot_every=0", "--save_every=0", "--progress=false", "--warmup_steps=2",
            f"--out={out / method}", "--overwrite"]
     subprocess.run(cmd, check=True, capture_output=True, env=thread_env(args.threads))
@@ -63,10 +71,12 @@ def pdclip_rates(args, method: str, out: Path) -> list[float]:
     return [json.loads(line)["samples_per_s"] for line in lines]
 
 
-def open_clip_rates(args, out: Path) -> list[float]:
-    """Per-step samples/s parsed from open_clip_train's log (`log-every-n-steps 1`)."""
+def open_clip_rates(args, out: Path, shards: str | None = None) -> list[float]:
+    """Per-step samples/s parsed from open_clip_train's log (`log-every-n-steps 1`), on its synthetic
+    data (one blank image) or on `shards` (its webdataset reader)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    argv = ["--dataset-type", "synthetic", "--model", args.model, "--batch-size", str(args.batch_size),
+    data = ["--dataset-type", "webdataset", "--train-data", shards] if shards else ["--dataset-type", "synthetic"]
+    argv = [*data, "--model", args.model, "--batch-size", str(args.batch_size),
             "--train-num-samples", str(args.batch_size * args.steps), "--epochs", "1", "--lr", "1e-3",
             "--wd", "0.1", "--warmup", "2", "--workers", str(args.workers), "--device", device,
             "--precision", OPEN_CLIP_PRECISION[args.precision], "--log-every-n-steps", "1",
@@ -78,13 +88,24 @@ def open_clip_rates(args, out: Path) -> list[float]:
     return [float(x) for x in re.findall(r"Batch \(t\): [0-9.]+, ([0-9.]+)/s,", proc.stdout + proc.stderr)]
 
 
-def loop_vs_open_clip(args) -> tuple[float, float]:
-    """Median samples/s of pdclip.train and open_clip_train (CLIP), the subprocesses alternated."""
+def loop_vs_open_clip(args, same_data: bool = False) -> tuple[float, float]:
+    """Median samples/s of pdclip.train and open_clip_train (CLIP), the subprocesses alternated.
+
+    Args:
+        same_data: both read the same webdataset shards (PNG, written here from the synthetic source),
+            so that the data cost is equal and the ratio measures the loops; otherwise each reads its
+            own synthetic data (pdclip renders scenes, open_clip transforms one blank image).
+    """
     ours, theirs = [], []
     with tempfile.TemporaryDirectory() as tmp:
+        shards = None
+        if same_data:
+            source = build_dataset("synthetic", "val", image_size=64, n_eval=args.batch_size * (args.steps + 1))
+            n = len(write_shards(source, Path(tmp, "shards"), samples_per_shard=args.batch_size * 4))
+            shards = f"{tmp}/shards/shard-{{00000..{n - 1:05d}}}.tar"
         for r in range(args.rounds):
-            ours.append(median_after_warmup(pdclip_rates(args, "clip", Path(tmp)), args.warmup))
-            theirs.append(median_after_warmup(open_clip_rates(args, Path(tmp, f"open_clip{r}")), args.warmup))
+            ours.append(median_after_warmup(pdclip_rates(args, "clip", Path(tmp), shards), args.warmup))
+            theirs.append(median_after_warmup(open_clip_rates(args, Path(tmp, f"open_clip{r}"), shards), args.warmup))
     return statistics.median(ours), statistics.median(theirs)
 
 
@@ -124,11 +145,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.cuda.get_device_name() if cuda else f"CPU, {args.threads} threads"
     print(f"model {args.model}, batch {args.batch_size}, {args.precision}, {args.workers} workers, {device}")
-    ours, theirs = loop_vs_open_clip(args)
     print("\n1. CLIP training, samples/s (median per step, data loading included)")
-    print(f"   pdclip.train        {ours:10.1f}")
-    print(f"   open_clip_train     {theirs:10.1f}")
-    print(f"   ratio pdclip / open_clip = {ours / theirs:.2f}")
+    for same_data, data in ((False, "each its own synthetic data"), (True, "the same PNG shards")):
+        ours, theirs = loop_vs_open_clip(args, same_data)
+        print(f"   {data}: pdclip.train {ours:.1f}, open_clip_train {theirs:.1f}, ratio {ours / theirs:.2f}")
     base = TrainConfig(model=args.model, batch_size=args.batch_size, precision=args.precision, steps=10_000,
                        warmup_steps=2, snapshot_every=0, save_every=0, progress=False,
                        data_kwargs={"n_train": args.batch_size * 8})

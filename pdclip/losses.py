@@ -67,6 +67,47 @@ def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     return -(targets * logits.log_softmax(dim=-1)).sum(dim=-1).mean()
 
 
+class _IdentityWithSoftRows(torch.autograd.Function):
+    """`identity_soft_rows_ce`'s forward and its closed-form gradient, `(softmax(s) - Y) / B`, which
+    needs no `(B, B)` target matrix: the softmax, minus 1 on the diagonal, plus `α (e_i - P_i)` on the
+    chosen rows. One pass over `(B, B)` each way, as `F.cross_entropy` with integer labels."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, rows: Tensor, soft: Tensor, alpha: float) -> Tensor:
+        log_p = logits.log_softmax(dim=-1)
+        chosen = log_p.index_select(0, rows)  # (k, N)
+        diagonal = log_p.diagonal()
+        total = diagonal.sum() - alpha * diagonal.index_select(0, rows).sum() + alpha * (soft * chosen).sum()
+        ctx.save_for_backward(log_p, rows, soft)
+        ctx.alpha = alpha
+        return -total / logits.shape[0]
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None, None, None]:
+        log_p, rows, soft = ctx.saved_tensors
+        grad = log_p.exp()
+        grad.diagonal().sub_(1.0)
+        grad.diagonal().index_add_(0, rows, torch.full_like(rows, ctx.alpha, dtype=grad.dtype))
+        grad.index_add_(0, rows, soft.to(grad.dtype), alpha=-ctx.alpha)
+        return grad.mul_(grad_output / log_p.shape[0]), None, None, None
+
+
+def identity_soft_rows_ce(logits: Tensor, rows: Tensor, soft: Tensor, alpha: float) -> Tensor:
+    """`soft_cross_entropy(logits, Y)` for targets that are `I` except on a few rows, without building `Y`.
+
+    `Y_i = e_i`, and `Y_i = (1 - α) e_i + α soft_r` for `i = rows[r]` (PSD's targets, docs/methods.md §5).
+
+    Args:
+        logits: `(B, B)`, square: pair `i`'s right answer is column `i`.
+        rows: `(k,)` int64, distinct row indices.
+        soft: `(k, B)` row-stochastic, no grad.
+        alpha: the weight of `soft` on the chosen rows.
+    """
+    if logits.shape[0] != logits.shape[1] or soft.shape != (len(rows), logits.shape[1]):
+        raise ValueError(f"need square logits and (k, B) soft rows; got {tuple(logits.shape)} and {tuple(soft.shape)}")
+    return _IdentityWithSoftRows.apply(logits, rows, soft.detach(), float(alpha))
+
+
 def symmetric_soft_ce(logits: Tensor, targets_i2t: Tensor, targets_t2i: Tensor) -> Tensor:
     """`½ [CE(s, Y^{I→T}) + CE(sᵀ, Y^{T→I})]` for image→text logits `s`, `(B, B)`."""
     return 0.5 * (soft_cross_entropy(logits, targets_i2t) + soft_cross_entropy(logits.T, targets_t2i))
@@ -80,7 +121,11 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor
         text_features: `(B, D)`, L2-normalised.
         logit_scale: the multiplier `t = exp(logit_scale)`, a scalar.
     """
-    logits = contrastive_logits(image_features, text_features, logit_scale)
+    return symmetric_hard_ce(contrastive_logits(image_features, text_features, logit_scale))
+
+
+def symmetric_hard_ce(logits: Tensor) -> Tensor:
+    """`symmetric_soft_ce(logits, I, I)` for square logits `(B, B)`, without building `I`."""
     # Integer labels are the identity targets without materialising a (B, B) matrix.
     labels = torch.arange(logits.shape[0], device=logits.device)
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))

@@ -6,16 +6,25 @@ so soft targets under DDP see every pair, as the papers' equations assume.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property, partial
 
 import torch
 from torch import Tensor
 
 from pdclip.config import LossConfig
 from pdclip.distributed import gather_features
-from pdclip.losses import check_features, symmetric_soft_ce
+from pdclip.losses import check_features, identity_soft_rows_ce, symmetric_hard_ce, symmetric_soft_ce
 from pdclip.positives import positive_targets
-from pdclip.targets import identity_targets, kd_targets, label_smoothing_targets, otter_targets, psd_targets
+from pdclip.targets import (
+    identity_targets,
+    kd_targets,
+    label_smoothing_targets,
+    otter_targets,
+    psd_mix,
+    psd_soft_rows,
+)
 
 
 @dataclass
@@ -25,8 +34,21 @@ class MethodOutput:
     loss: Tensor  # scalar, with grad
     parts: dict[str, float]
     logits: Tensor  # (B, B) image→text logits of the global batch, detached
-    targets_i2t: Tensor  # (B, B)
-    targets_t2i: Tensor  # (B, B)
+    # The (B, B) targets, built only when asked for (snapshots): CLIP's and PSD's losses do without them.
+    make_targets: Callable[[], tuple[Tensor, Tensor]]
+
+    @cached_property
+    def targets(self) -> tuple[Tensor, Tensor]:
+        """`(Y_i2t, Y_t2i)`, each `(B, B)`."""
+        return self.make_targets()
+
+    @property
+    def targets_i2t(self) -> Tensor:
+        return self.targets[0]
+
+    @property
+    def targets_t2i(self) -> Tensor:
+        return self.targets[1]
 
 
 def method_loss(
@@ -67,51 +89,71 @@ def method_loss(
     logits = logit_scale * similarity
     n, device = logits.shape[0], logits.device
     parts: dict[str, float] = {}
-    # PSD builds its targets on `I` itself (None), cheaper at large B than copying a given `I`.
-    identity_psd = cfg.method == "psd" and not cfg.multi_positive
-    hard = None if identity_psd else hard_targets(cfg, n, device, caption_keys, image_keys)
+    # Without multi-positive targets the hard targets are `I`, and no loss builds it: CLIP (and KD's and
+    # OTTER's hard half) take integer labels, PSD's loss its few soft rows (`identity_soft_rows_ce`).
+    hard = hard_targets(cfg, device, caption_keys, image_keys)
 
-    if cfg.method in ("clip", "ls", "psd"):
-        if cfg.method == "clip":
-            y_i2t = y_t2i = hard
-        elif cfg.method == "ls":
-            y_i2t = y_t2i = label_smoothing_targets(n, cfg.ls_epsilon, device, hard=hard)
+    def identity() -> tuple[Tensor, Tensor]:
+        return identity_targets(n, device), identity_targets(n, device)
+
+    if cfg.method == "clip":
+        loss = _hard_ce(logits, hard)
+        make_targets = identity if hard is None else _known(hard, hard)
+    elif cfg.method == "ls":
+        y = label_smoothing_targets(n, cfg.ls_epsilon, device, hard=hard)
+        loss, make_targets = symmetric_soft_ce(logits, y, y), _known(y, y)
+    elif cfg.method == "psd":
+        teacher_logits = psd_teacher_logits(cfg.psd_teacher, logits, img, txt, logit_scale, teacher_image_features,
+                                            teacher_text_features, teacher_logit_scale)
+        chosen, p_i2t, p_t2i = psd_soft_rows(teacher_logits, cfg.psd_subset, cfg.psd_temperature, generator)
+        make_targets = partial(psd_mix, chosen, p_i2t, p_t2i, alpha, hard)
+        if hard is None:
+            loss = 0.5 * (identity_soft_rows_ce(logits, chosen, p_i2t, alpha)
+                          + identity_soft_rows_ce(logits.T, chosen, p_t2i, alpha))
         else:
-            teacher_logits = psd_teacher_logits(cfg.psd_teacher, logits, img, txt, logit_scale, teacher_image_features,
-                                                teacher_text_features, teacher_logit_scale)
-            y_i2t, y_t2i = psd_targets(teacher_logits, alpha, cfg.psd_subset, cfg.psd_temperature, generator,
-                                       hard=hard)
-            parts["alpha"] = float(alpha)
-        loss = symmetric_soft_ce(logits, y_i2t, y_t2i)
+            loss = symmetric_soft_ce(logits, *make_targets())
+        parts["alpha"] = float(alpha)
     else:  # kd, otter: L = a L_clip(t_c) + (1 - a) L_soft(Y, t_s)
         t_img, t_txt = _gathered_teacher(teacher_image_features, teacher_text_features)
         if cfg.method == "kd":
             y_i2t, y_t2i = kd_targets(t_img, t_txt, cfg.kd_tau)
         else:
             y_i2t, y_t2i = otter_targets(t_img, t_txt, cfg.ot_epsilon, cfg.ot_iters, cfg.ot_lambda)
-        loss_clip = symmetric_soft_ce(logits, hard, hard)
+        loss_clip = _hard_ce(logits, hard)
         scale_soft = logit_scale if logit_scale_soft is None else logit_scale_soft
         loss_soft = symmetric_soft_ce(scale_soft * similarity, y_i2t, y_t2i)
         loss = cfg.mix_alpha * loss_clip + (1 - cfg.mix_alpha) * loss_soft
         parts.update(loss_clip=loss_clip.item(), loss_soft=loss_soft.item())
+        make_targets = _known(y_i2t, y_t2i)
 
     parts["loss"] = loss.item()
-    return MethodOutput(loss, parts, logits.detach(), y_i2t, y_t2i)
+    return MethodOutput(loss, parts, logits.detach(), make_targets)
+
+
+def _hard_ce(logits: Tensor, hard: Tensor | None) -> Tensor:
+    """CLIP's symmetric loss against `hard` targets, `I` when None (integer labels, no `(B, B)` matrix)."""
+    return symmetric_hard_ce(logits) if hard is None else symmetric_soft_ce(logits, hard, hard)
+
+
+def _known(y_i2t: Tensor, y_t2i: Tensor) -> Callable[[], tuple[Tensor, Tensor]]:
+    return lambda: (y_i2t, y_t2i)
 
 
 @torch.no_grad()
-def hard_targets(cfg: LossConfig, n: int, device: torch.device, caption_keys: Tensor | None,
-                 image_keys: Tensor | None) -> Tensor:
-    """The `(B, B)` hard targets every method starts from: `I`, or with `cfg.multi_positive` the
-    multi-positive base over the global batch (docs/methods.md §8)."""
+def hard_targets(cfg: LossConfig, device: torch.device, caption_keys: Tensor | None,
+                 image_keys: Tensor | None) -> Tensor | None:
+    """The `(B, B)` hard targets every method starts from: with `cfg.multi_positive` the multi-positive
+    base over the global batch (docs/methods.md §8); `None` stands for `I`, which no loss needs built."""
     if not cfg.multi_positive:
-        return identity_targets(n, device)
+        return None
     if caption_keys is None or (cfg.positive_images and image_keys is None):
         raise ValueError("multi_positive needs caption_keys (and positive_images needs image_keys): "
                          "pdclip.positives.caption_keys(texts), image_keys(images)")
     keys = gather_features(caption_keys.to(device), with_grad=False)
     images = gather_features(image_keys.to(device), with_grad=False) if cfg.positive_images else None
-    return positive_targets(keys, images)
+    base = positive_targets(keys, images)
+    # A batch without repeats: I, and the losses' faster paths (the same on every rank: keys are global).
+    return None if bool((base.diagonal() == 1).all()) else base
 
 
 @torch.no_grad()

@@ -209,21 +209,49 @@ def psd_targets(
     Returns:
         `(Y_i2t, Y_t2i)`, each `(B, B)`.
     """
-    n, device = logits.shape[0], logits.device
-    # The same randperm (and RNG draw) on every rank; it is B integers, so the CPU is the place for it.
-    chosen = torch.randperm(n, generator=generator)[: round(subset * n)].to(device)
-    s = logits.detach().float()
+    return psd_mix(*psd_soft_rows(logits, subset, temperature, generator), alpha, hard)
+
+
+@torch.no_grad()
+def psd_mix(chosen: Tensor, soft_i2t: Tensor, soft_t2i: Tensor, alpha: float,
+            hard: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """`psd_targets` from its parts: `(1 - α) hard_i + α P_i` on the `chosen` rows, `hard_i` elsewhere.
+
+    Args:
+        chosen, soft_i2t, soft_t2i: from `psd_soft_rows`.
+        hard: `(B, B)`; `I` by default.
+    """
+    n, device = soft_i2t.shape[1], soft_i2t.device
     targets = []
+    for soft in (soft_i2t, soft_t2i):
+        mixed = soft.mul(alpha)  # α P_i on the chosen rows, (k, B)
+        if hard is None:  # (1 - α) e_i: one entry per chosen row
+            mixed[torch.arange(len(chosen), device=device), chosen] += 1 - alpha
+            y = torch.eye(n, device=device, dtype=soft.dtype)
+        else:
+            mixed += (1 - alpha) * hard.index_select(0, chosen)
+            y = hard.to(soft.dtype, copy=True)
+        targets.append(y.index_copy_(0, chosen, mixed))
+    return targets[0], targets[1]
+
+
+@torch.no_grad()
+def psd_soft_rows(logits: Tensor, subset: float = 0.5, temperature: float = 1.0,
+                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """PSD's random subset and the teacher's predictions on it: what `psd_targets` mixes into `I`.
+
+    Returns:
+        `(chosen, P_i2t, P_t2i)`: `(k,)` row indices, and `softmax(s / T)` on those rows of `s` and of
+        `sᵀ`, each `(k, B)`.
+    """
+    # The same randperm (and RNG draw) on every rank; it is B integers, so the CPU is the place for it.
+    chosen = torch.randperm(logits.shape[0], generator=generator)[: round(subset * logits.shape[0])]
+    chosen = chosen.to(logits.device)
+    s = logits.detach().to(torch.promote_types(logits.dtype, torch.float32))  # half precision: softmax in fp32
+    soft = []
     # Only the chosen rows of s (and of sᵀ: s's chosen columns) are soft, so only they get a softmax.
     for rows in (s.index_select(0, chosen), s.index_select(1, chosen).T):
         if temperature != 1:  # dividing by 1 changes nothing but costs a (k, B) pass
             rows = rows / temperature
-        mixed = rows.softmax(dim=-1).mul_(alpha)  # α P_i on the chosen rows, (k, B)
-        if hard is None:  # (1 - α) e_i: one entry per chosen row
-            mixed[torch.arange(len(chosen), device=device), chosen] += 1 - alpha
-            y = torch.eye(n, device=device)
-        else:
-            mixed += (1 - alpha) * hard.index_select(0, chosen)
-            y = hard.clone()
-        targets.append(y.index_copy_(0, chosen, mixed))
-    return targets[0], targets[1]
+        soft.append(rows.softmax(dim=-1))
+    return chosen, soft[0], soft[1]

@@ -2,7 +2,7 @@ import pytest
 import torch
 from open_clip.loss import ClipLoss
 
-from pdclip.losses import clip_loss, soft_clip_loss
+from pdclip.losses import clip_loss, identity_soft_rows_ce, soft_clip_loss, soft_cross_entropy
 from pdclip.targets import identity_targets
 
 
@@ -80,3 +80,21 @@ def test_targets_that_do_not_sum_to_one_are_named(features):
         soft_clip_loss(img, txt, 10.0, identity_targets(5), eye)
     with pytest.raises(ValueError, match="negative"):
         soft_clip_loss(img, txt, 10.0, 2 * eye - torch.full((4, 4), 0.25), eye)
+
+
+@pytest.mark.parametrize("k", [0, 3, 8])
+def test_identity_soft_rows_ce_equals_the_dense_soft_cross_entropy(k):
+    """PSD's loss without its (B, B) target matrix: the same value and gradient as building it."""
+    g = torch.Generator().manual_seed(k)
+    logits = (5 * torch.randn(8, 8, generator=g)).requires_grad_()
+    rows = torch.randperm(8, generator=g)[:k]
+    soft = torch.randn(k, 8, generator=g).softmax(-1)
+    dense = torch.eye(8)
+    dense[rows] = 0.7 * dense[rows] + 0.3 * soft
+    for source in (logits, logits.T):  # PSD calls it on sᵀ too: a non-contiguous view
+        fast = identity_soft_rows_ce(source, rows, soft, 0.3)
+        slow = soft_cross_entropy(source, dense)
+        torch.testing.assert_close(fast, slow)
+        torch.testing.assert_close(torch.autograd.grad(fast, logits)[0], torch.autograd.grad(slow, logits)[0])
+    with pytest.raises(ValueError, match="square logits"):
+        identity_soft_rows_ce(logits[:5], rows, soft, 0.3)
