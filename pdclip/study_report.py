@@ -205,6 +205,27 @@ def gains_table(rows: list[dict], by: str = "method",
     return lines, verdicts
 
 
+def summary_table(rows: list[dict], column: str) -> list[str]:
+    """Markdown rows: each method's paired gain over CLIP on `column` (rows) in every condition of the
+    method comparisons (columns), verdicts in bold; the whole comparison at a glance."""
+    gains = paired_gains(rows, lambda r: metric(r, column))
+    sizes = [g[3] for g in gains]
+    usual = max(set(sizes), key=sizes.count, default=None)  # the noise sweeps' size: those come first
+    groups = sorted(gains, key=lambda g: (g[0], g[3] != usual, g[3] or 0, g[2] or 0))
+
+    def short(group: tuple) -> str:
+        dataset, _, noise, n_train, _ = group
+        return f"{dataset} ν={noise:g}" + (f", n={n_train}" if len(set(sizes)) > 1 and n_train is not None else "")
+
+    methods = [m for m in METHODS if any(m in gains[g] for g in groups)]
+    lines = [f"| Δ {column} | " + " | ".join(short(g) for g in groups) + " |", "|" + "---|" * (len(groups) + 1)]
+    for m in methods:
+        stats = [gains[g].get(m, (math.nan, math.nan, 0)) for g in groups]
+        lines.append(f"| {m} | " + " | ".join(f"**{_cell_text(s, True)}**" if abs(s[0]) > max(s[1], MIN_EFFECT)
+                                               else _cell_text(s, True) for s in stats) + " |")
+    return lines
+
+
 def make_figures(preset_name: str, rows: list[dict], figures: Path) -> dict[str, str]:
     """Draw the report's figures into `figures`; returns `{title: file name}` of those drawn."""
     noise_rows = [r for r in rows if "noise" in r["cell"]["experiments"]]  # the figures' sweep
@@ -257,6 +278,13 @@ def write_report(preset_name: str, out: Path, results_path: Path, figures: Path)
              f"training), shared settings: `{json.dumps(preset['base'])}`. Test split, mean ± 95 % CI "
              f"(t-distribution) over seeds, in percent; each condition's *chance* row is what a model that "
              f"knows nothing scores. {ZS_NOTE}.", ""]
+    comparisons = [r for r in rows if any("variants" not in preset["experiments"][e] for e in r["cell"]["experiments"])]
+    if comparisons:  # every method against CLIP, one table per headline column
+        lines += ["### Summary: paired gain over CLIP, every condition of the method comparisons", "",
+                  f"Mean ± 95 % CI over seeds, in points; **bold**: the CI excludes zero and |Δ| ≥ {MIN_EFFECT:g}.",
+                  ""]
+        for column in ("ZS", "R@1 i→t", "linear probe"):
+            lines += [*summary_table(comparisons, column), ""]
     for name, experiment in preset["experiments"].items():
         lines += experiment_section(name, experiment, [r for r in rows if name in r["cell"]["experiments"]])
     rel = Path(os.path.relpath(figures, results_path.parent))
