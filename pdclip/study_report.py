@@ -186,6 +186,18 @@ def results_table(rows: list[dict]) -> list[str]:
 MIN_EFFECT = 1.0
 
 
+def is_verdict(stat: tuple) -> bool:
+    """A paired gain `(mean, half_width, n)` whose CI excludes zero by at least `MIN_EFFECT` points
+    (a NaN width, one seed, never passes)."""
+    mean, half, _ = stat
+    return abs(mean) > max(half, MIN_EFFECT)
+
+
+def _gain_text(stat: tuple) -> str:
+    """A paired gain's table cell, in bold when it is a verdict."""
+    return f"**{_cell_text(stat, True)}**" if is_verdict(stat) else _cell_text(stat, True)
+
+
 def gains_table(rows: list[dict], by: str = "method",
                 columns: Sequence[str] = ("ZS", "R@1 i→t", "R@1 t→i", "linear probe")):
     """Markdown rows of paired gains (`paired_gains`) and the verdicts they support (CI excluding 0,
@@ -197,11 +209,9 @@ def gains_table(rows: list[dict], by: str = "method",
         for arm in sorted(gains[columns[0]][group], key=lambda a: METHODS.index(a) if by == "method" else a):
             stats = [gains[c][group].get(arm, (math.nan, math.nan, 0)) for c in columns]
             label = f"{arm} ({CONTROLS[arm]})" if arm in CONTROLS else arm
-            real = [abs(m) > max(h, MIN_EFFECT) for m, h, _ in stats]  # NaN widths (one seed) never pass
-            lines.append(f"| {condition(group)} | {label} | " + " | ".join(
-                f"**{_cell_text(s, True)}**" if r else _cell_text(s, True) for s, r in zip(stats, real, strict=True)) + " |")
+            lines.append(f"| {condition(group)} | {label} | " + " | ".join(map(_gain_text, stats)) + " |")
             verdicts += [f"{label} {'helps' if m > 0 else 'hurts'} {c} at {condition(group)} ({m:+.1f} ± {h:.1f} points)"
-                         for c, (m, h, _), r in zip(columns, stats, real, strict=True) if r]
+                         for c, (m, h, n) in zip(columns, stats, strict=True) if is_verdict((m, h, n))]
     return lines, verdicts
 
 
@@ -221,8 +231,7 @@ def summary_table(rows: list[dict], column: str) -> list[str]:
     lines = [f"| Δ {column} | " + " | ".join(short(g) for g in groups) + " |", "|" + "---|" * (len(groups) + 1)]
     for m in methods:
         stats = [gains[g].get(m, (math.nan, math.nan, 0)) for g in groups]
-        lines.append(f"| {m} | " + " | ".join(f"**{_cell_text(s, True)}**" if abs(s[0]) > max(s[1], MIN_EFFECT)
-                                               else _cell_text(s, True) for s in stats) + " |")
+        lines.append(f"| {m} | " + " | ".join(map(_gain_text, stats)) + " |")
     return lines
 
 
