@@ -7,8 +7,9 @@
    pdclip.train --method clip` and by `python -m open_clip_train.main` (one subprocess each, alternated
    for `--rounds` rounds). Both report per-step samples/s including data loading; we print the medians
    after a warm-up. First each on its own synthetic data, which differ in cost (pdclip renders scenes,
-   open_clip transforms one blank image); then both on the same webdataset shards (PNG, written here),
-   where the data cost is equal and the ratio measures the loops.
+   open_clip transforms one blank image): in pdclip's first epoch, where it renders every image, and
+   in later ones, where it reads the pixels it kept; then both on the same webdataset shards (PNG,
+   written here), where the data cost is equal and the ratio measures the loops.
 2. Every method (and PSD with each kind of teacher) with pdclip's `Trainer`, all built in this process
    and stepped in turn on the same pre-loaded batches (clip, ls, ..., clip, ls, ...): median step time
    and its ratio to CLIP's, side by side. PSD with a free teacher ("self", "intra") should cost about
@@ -57,10 +58,10 @@ def thread_env(threads: int) -> dict[str, str]:
     return {**os.environ, **{k: str(threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}}
 
 
-def pdclip_rates(args, method: str, out: Path, shards: str | None = None) -> list[float]:
-    """Per-step samples/s of `python -m pdclip.train` (on its synthetic source, or on `shards`)."""
+def pdclip_rates(args, method: str, out: Path, shards: str | None = None, n_train: int | None = None) -> list[float]:
+    """Per-step samples/s of `python -m pdclip.train` (on `n_train` pairs of its synthetic source, or on `shards`)."""
     data = ["--dataset=shards", f"--data_kwargs={json.dumps({'urls': shards})}"] if shards else [
-        f"--data_kwargs={json.dumps({'n_train': args.batch_size * 8})}"]
+        f"--data_kwargs={json.dumps({'n_train': n_train or args.batch_size * 8})}"]
     cmd = [sys.executable, "-m", "pdclip.train", f"--method={method}", f"--model={args.model}",
            f"--steps={args.steps}", f"--batch_size={args.batch_size}", f"--precision={args.precision}",
            f"--num_workers={args.workers}", *data,
@@ -88,23 +89,35 @@ def open_clip_rates(args, out: Path, shards: str | None = None) -> list[float]:
     return [float(x) for x in re.findall(r"Batch \(t\): [0-9.]+, ([0-9.]+)/s,", proc.stdout + proc.stderr)]
 
 
-def loop_vs_open_clip(args, same_data: bool = False) -> tuple[float, float]:
+# What `loop_vs_open_clip` feeds the two loops.
+DATA = {
+    "rendered": "each its own synthetic data, pdclip rendering every image (its first epoch)",
+    "cached": "each its own synthetic data, pdclip's images rendered in an earlier epoch (its pixel cache)",
+    "shards": "the same PNG webdataset shards",
+}
+
+
+def loop_vs_open_clip(args, data: str) -> tuple[float, float]:
     """Median samples/s of pdclip.train and open_clip_train (CLIP), the subprocesses alternated.
 
     Args:
-        same_data: both read the same webdataset shards (PNG, written here from the synthetic source),
-            so that the data cost is equal and the ratio measures the loops; otherwise each reads its
-            own synthetic data (pdclip renders scenes, open_clip transforms one blank image).
+        data: a key of `DATA`. On their own synthetic data pdclip renders scenes and open_clip
+            transforms one blank image: "rendered" gives pdclip one pair per sample of the run, so every
+            image is drawn for the first time; "cached" gives it 4 batches of pairs, so every step after
+            the warm-up reads images rendered before (the case of any run longer than an epoch). On
+            "shards" both read the same PNG shards, written here: the data cost is equal and the ratio
+            measures the loops.
     """
     ours, theirs = [], []
+    n_train = {"rendered": args.batch_size * (args.steps + 1), "cached": args.batch_size * max(1, min(4, args.warmup))}
     with tempfile.TemporaryDirectory() as tmp:
         shards = None
-        if same_data:
+        if data == "shards":
             source = build_dataset("synthetic", "val", image_size=64, n_eval=args.batch_size * (args.steps + 1))
             n = len(write_shards(source, Path(tmp, "shards"), samples_per_shard=args.batch_size * 4))
             shards = f"{tmp}/shards/shard-{{00000..{n - 1:05d}}}.tar"
         for r in range(args.rounds):
-            ours.append(median_after_warmup(pdclip_rates(args, "clip", Path(tmp), shards), args.warmup))
+            ours.append(median_after_warmup(pdclip_rates(args, "clip", Path(tmp), shards, n_train.get(data)), args.warmup))
             theirs.append(median_after_warmup(open_clip_rates(args, Path(tmp, f"open_clip{r}"), shards), args.warmup))
     return statistics.median(ours), statistics.median(theirs)
 
@@ -146,9 +159,9 @@ def main() -> None:
     device = torch.cuda.get_device_name() if cuda else f"CPU, {args.threads} threads"
     print(f"model {args.model}, batch {args.batch_size}, {args.precision}, {args.workers} workers, {device}")
     print("\n1. CLIP training, samples/s (median per step, data loading included)")
-    for same_data, data in ((False, "each its own synthetic data"), (True, "the same PNG shards")):
-        ours, theirs = loop_vs_open_clip(args, same_data)
-        print(f"   {data}: pdclip.train {ours:.1f}, open_clip_train {theirs:.1f}, ratio {ours / theirs:.2f}")
+    for data, what in DATA.items():
+        ours, theirs = loop_vs_open_clip(args, data)
+        print(f"   {what}: pdclip.train {ours:.1f}, open_clip_train {theirs:.1f}, ratio {ours / theirs:.2f}")
     base = TrainConfig(model=args.model, batch_size=args.batch_size, precision=args.precision, steps=10_000,
                        warmup_steps=2, snapshot_every=0, save_every=0, progress=False,
                        data_kwargs={"n_train": args.batch_size * 8})

@@ -69,30 +69,41 @@ def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
 
 class _IdentityWithSoftRows(torch.autograd.Function):
     """`identity_soft_rows_ce`'s forward and its closed-form gradient, `(softmax(s) - Y) / B`, which
-    needs no `(B, B)` target matrix: the softmax, minus 1 on the diagonal, plus `α (e_i - P_i)` on the
-    chosen rows. One pass over `(B, B)` each way, as `F.cross_entropy` with integer labels."""
+    needs no `(B, B)` target matrix: the softmax, minus `Y`'s weight on the diagonal, minus `α soft` on
+    the chosen rows. The forward computes the gradient as it goes (the self case needs the softmax
+    there anyway); the backward scales it in place, because on a CPU a fresh `(B, B)` tensor costs
+    more than the multiplication. A second backward through the same graph raises autograd's
+    in-place error instead of returning a wrong gradient."""
 
     @staticmethod
-    def forward(ctx, logits: Tensor, rows: Tensor, soft: Tensor, alpha: float) -> Tensor:
+    def forward(ctx, logits: Tensor, rows: Tensor, soft: Tensor | None, alpha: float) -> Tensor:
+        n = logits.shape[0]
         log_p = logits.log_softmax(dim=-1)
-        chosen = log_p.index_select(0, rows)  # (k, N)
-        diagonal = log_p.diagonal()
-        total = diagonal.sum() - alpha * diagonal.index_select(0, rows).sum() + alpha * (soft * chosen).sum()
-        ctx.save_for_backward(log_p, rows, soft)
-        ctx.alpha = alpha
-        return -total / logits.shape[0]
+        # Y's weight on e_i: 1, and 1 - α on the chosen rows.
+        weights = torch.ones(n, dtype=log_p.dtype, device=log_p.device).index_fill_(0, rows, 1 - alpha)
+        total = torch.dot(weights, log_p.diagonal())
+        grad = log_p.exp()
+        if soft is None:  # Y_i = (1 - α) e_i + α softmax(s_i): the soft rows are `grad`'s own
+            # α Σ_chosen Σ_j p log p, as Σ_i (1 - w_i) Σ_j p log p: two dots over (B, B) instead of
+            # gathering the chosen rows, and the row weighting is the gradient's own, w_i (p_i - e_i).
+            flat = log_p.reshape(-1)
+            total = total + torch.dot(grad.reshape(-1), flat)
+            grad.mul_(weights.unsqueeze(1))
+            total = total - torch.dot(grad.reshape(-1), flat)
+        else:
+            total = total + alpha * (soft * log_p.index_select(0, rows)).sum()
+            grad.index_add_(0, rows, soft.to(grad.dtype), alpha=-alpha)
+        grad.diagonal().sub_(weights)
+        ctx.save_for_backward(grad)
+        return -total / n
 
     @staticmethod
     def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None, None, None]:
-        log_p, rows, soft = ctx.saved_tensors
-        grad = log_p.exp()
-        grad.diagonal().sub_(1.0)
-        grad.diagonal().index_add_(0, rows, torch.full_like(rows, ctx.alpha, dtype=grad.dtype))
-        grad.index_add_(0, rows, soft.to(grad.dtype), alpha=-ctx.alpha)
-        return grad.mul_(grad_output / log_p.shape[0]), None, None, None
+        grad, = ctx.saved_tensors
+        return grad.mul_(grad_output / grad.shape[0]), None, None, None
 
 
-def identity_soft_rows_ce(logits: Tensor, rows: Tensor, soft: Tensor, alpha: float) -> Tensor:
+def identity_soft_rows_ce(logits: Tensor, rows: Tensor, soft: Tensor | None, alpha: float) -> Tensor:
     """`soft_cross_entropy(logits, Y)` for targets that are `I` except on a few rows, without building `Y`.
 
     `Y_i = e_i`, and `Y_i = (1 - α) e_i + α soft_r` for `i = rows[r]` (PSD's targets, docs/methods.md §5).
@@ -100,12 +111,14 @@ def identity_soft_rows_ce(logits: Tensor, rows: Tensor, soft: Tensor, alpha: flo
     Args:
         logits: `(B, B)`, square: pair `i`'s right answer is column `i`.
         rows: `(k,)` int64, distinct row indices.
-        soft: `(k, B)` row-stochastic, no grad.
+        soft: `(k, B)` row-stochastic, no grad; or None for `softmax(logits)`'s own rows, detached (PSD's
+            self teacher at `T_soft = 1`), which costs two dot products instead of `k` softmaxes.
         alpha: the weight of `soft` on the chosen rows.
     """
-    if logits.shape[0] != logits.shape[1] or soft.shape != (len(rows), logits.shape[1]):
-        raise ValueError(f"need square logits and (k, B) soft rows; got {tuple(logits.shape)} and {tuple(soft.shape)}")
-    return _IdentityWithSoftRows.apply(logits, rows, soft.detach(), float(alpha))
+    if logits.shape[0] != logits.shape[1] or (soft is not None and soft.shape != (len(rows), logits.shape[1])):
+        shape = "softmax(logits)" if soft is None else tuple(soft.shape)
+        raise ValueError(f"need square logits and (k, B) soft rows; got {tuple(logits.shape)} and {shape}")
+    return _IdentityWithSoftRows.apply(logits, rows, None if soft is None else soft.detach(), float(alpha))
 
 
 def symmetric_soft_ce(logits: Tensor, targets_i2t: Tensor, targets_t2i: Tensor) -> Tensor:

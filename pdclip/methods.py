@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property, partial
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -24,6 +24,7 @@ from pdclip.targets import (
     otter_targets,
     psd_mix,
     psd_soft_rows,
+    psd_subset,
 )
 
 
@@ -105,9 +106,17 @@ def method_loss(
     elif cfg.method == "psd":
         teacher_logits = psd_teacher_logits(cfg.psd_teacher, logits, img, txt, logit_scale, teacher_image_features,
                                             teacher_text_features, teacher_logit_scale)
-        chosen, p_i2t, p_t2i = psd_soft_rows(teacher_logits, cfg.psd_subset, cfg.psd_temperature, generator)
-        make_targets = partial(psd_mix, chosen, p_i2t, p_t2i, alpha, hard)
+        chosen = psd_subset(n, cfg.psd_subset, generator, device)
+        # The self teacher at T = 1 predicts softmax(s), the loss's own softmax: the loss reuses it, and
+        # its soft rows are built only if a snapshot asks for the targets.
+        own = cfg.psd_teacher == "self" and cfg.psd_temperature == 1
+        soft = None if own else psd_soft_rows(teacher_logits, chosen, cfg.psd_temperature)
+
+        def make_targets() -> tuple[Tensor, Tensor]:
+            return psd_mix(chosen, *(soft or psd_soft_rows(teacher_logits, chosen, cfg.psd_temperature)), alpha, hard)
+
         if hard is None:
+            p_i2t, p_t2i = soft or (None, None)
             loss = 0.5 * (identity_soft_rows_ce(logits, chosen, p_i2t, alpha)
                           + identity_soft_rows_ce(logits.T, chosen, p_t2i, alpha))
         else:

@@ -209,7 +209,8 @@ def psd_targets(
     Returns:
         `(Y_i2t, Y_t2i)`, each `(B, B)`.
     """
-    return psd_mix(*psd_soft_rows(logits, subset, temperature, generator), alpha, hard)
+    chosen = psd_subset(logits.shape[0], subset, generator, logits.device)
+    return psd_mix(chosen, *psd_soft_rows(logits, chosen, temperature), alpha, hard)
 
 
 @torch.no_grad()
@@ -218,7 +219,7 @@ def psd_mix(chosen: Tensor, soft_i2t: Tensor, soft_t2i: Tensor, alpha: float,
     """`psd_targets` from its parts: `(1 - α) hard_i + α P_i` on the `chosen` rows, `hard_i` elsewhere.
 
     Args:
-        chosen, soft_i2t, soft_t2i: from `psd_soft_rows`.
+        chosen: from `psd_subset`; soft_i2t, soft_t2i: from `psd_soft_rows`.
         hard: `(B, B)`; `I` by default.
     """
     n, device = soft_i2t.shape[1], soft_i2t.device
@@ -235,18 +236,23 @@ def psd_mix(chosen: Tensor, soft_i2t: Tensor, soft_t2i: Tensor, alpha: float,
     return targets[0], targets[1]
 
 
-@torch.no_grad()
-def psd_soft_rows(logits: Tensor, subset: float = 0.5, temperature: float = 1.0,
-                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """PSD's random subset and the teacher's predictions on it: what `psd_targets` mixes into `I`.
+def psd_subset(n: int, subset: float, generator: torch.Generator | None = None,
+               device: torch.device | str | None = None) -> Tensor:
+    """PSD's random subset: `round(ρ n)` distinct row indices, `(k,)` int64 on `device`."""
+    # The same randperm (and RNG draw) on every rank; it is n integers, so the CPU is the place for it.
+    return torch.randperm(n, generator=generator)[: round(subset * n)].to(device)
 
+
+@torch.no_grad()
+def psd_soft_rows(logits: Tensor, chosen: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """The teacher's predictions on PSD's subset: what `psd_targets` mixes into `I`.
+
+    Args:
+        logits: the teacher's image→text logits `s`, `(B, B)`.
+        chosen: `(k,)` row indices, from `psd_subset`.
     Returns:
-        `(chosen, P_i2t, P_t2i)`: `(k,)` row indices, and `softmax(s / T)` on those rows of `s` and of
-        `sᵀ`, each `(k, B)`.
+        `(P_i2t, P_t2i)`: `softmax(s / T)` on the chosen rows of `s` and of `sᵀ`, each `(k, B)`.
     """
-    # The same randperm (and RNG draw) on every rank; it is B integers, so the CPU is the place for it.
-    chosen = torch.randperm(logits.shape[0], generator=generator)[: round(subset * logits.shape[0])]
-    chosen = chosen.to(logits.device)
     s = logits.detach().to(torch.promote_types(logits.dtype, torch.float32))  # half precision: softmax in fp32
     soft = []
     # Only the chosen rows of s (and of sᵀ: s's chosen columns) are soft, so only they get a softmax.
@@ -254,4 +260,4 @@ def psd_soft_rows(logits: Tensor, subset: float = 0.5, temperature: float = 1.0,
         if temperature != 1:  # dividing by 1 changes nothing but costs a (k, B) pass
             rows = rows / temperature
         soft.append(rows.softmax(dim=-1))
-    return chosen, soft[0], soft[1]
+    return soft[0], soft[1]

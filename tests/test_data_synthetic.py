@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from pdclip.data import build_dataset, collate
+from pdclip.data import build_dataset, collate, synthetic
 from pdclip.data.captions import Claims, correspondence
-from pdclip.data.scenes import Scenes
+from pdclip.data.scenes import Scenes, render
 from pdclip.data.transforms import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, image_transform, to_uint8
 
 SMALL = {"image_size": 32, "n_train": 400, "n_eval": 200}
@@ -167,3 +167,14 @@ def test_augment_false_gives_the_training_split_frozen_images():
     torch.manual_seed(0)
     draws = [augmented[3]["image"] for _ in range(8)]
     assert any(not torch.equal(draws[0], d) for d in draws[1:])  # the default shifts training images
+
+
+def test_rendered_pixels_are_kept_and_equal_a_fresh_render(monkeypatch):
+    ds = build_dataset("synthetic", "val", n_eval=6, image_size=32)
+    first = ds[4]["image"]
+    assert ds._rendered.tolist() == [False] * 4 + [True, False]
+    monkeypatch.setattr(synthetic, "render", lambda *a: pytest.fail("rendered twice"))
+    assert torch.equal(ds[4]["image"], first)  # from the cache: the same pixels, not rendered again
+    assert np.array_equal(ds._cache[4], render(ds.scenes, 4, 32))
+    monkeypatch.setattr(synthetic, "PIXEL_CACHE_BYTES", 6 * 32 * 32 * 3 - 1)  # one byte short: no cache
+    assert build_dataset("synthetic", "val", n_eval=6, image_size=32)._cache is None

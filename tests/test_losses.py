@@ -82,19 +82,24 @@ def test_targets_that_do_not_sum_to_one_are_named(features):
         soft_clip_loss(img, txt, 10.0, 2 * eye - torch.full((4, 4), 0.25), eye)
 
 
+@pytest.mark.parametrize("own", [False, True])
 @pytest.mark.parametrize("k", [0, 3, 8])
-def test_identity_soft_rows_ce_equals_the_dense_soft_cross_entropy(k):
-    """PSD's loss without its (B, B) target matrix: the same value and gradient as building it."""
+def test_identity_soft_rows_ce_equals_the_dense_soft_cross_entropy(k, own):
+    """PSD's loss without its (B, B) target matrix: the same value and gradient as building it, with
+    given soft rows or (`soft=None`) the logits' own detached softmax."""
     g = torch.Generator().manual_seed(k)
     logits = (5 * torch.randn(8, 8, generator=g)).requires_grad_()
     rows = torch.randperm(8, generator=g)[:k]
-    soft = torch.randn(k, 8, generator=g).softmax(-1)
-    dense = torch.eye(8)
-    dense[rows] = 0.7 * dense[rows] + 0.3 * soft
     for source in (logits, logits.T):  # PSD calls it on sᵀ too: a non-contiguous view
-        fast = identity_soft_rows_ce(source, rows, soft, 0.3)
+        soft = source.detach().softmax(-1)[rows] if own else torch.randn(k, 8, generator=g).softmax(-1)
+        dense = torch.eye(8)
+        dense[rows] = 0.7 * dense[rows] + 0.3 * soft
+        fast = identity_soft_rows_ce(source, rows, None if own else soft, 0.3)
         slow = soft_cross_entropy(source, dense)
         torch.testing.assert_close(fast, slow)
-        torch.testing.assert_close(torch.autograd.grad(fast, logits)[0], torch.autograd.grad(slow, logits)[0])
+        torch.testing.assert_close(torch.autograd.grad(fast, logits, retain_graph=True)[0],
+                                   torch.autograd.grad(slow, logits)[0])
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):  # not a wrong gradient
+            torch.autograd.grad(fast, logits)
     with pytest.raises(ValueError, match="square logits"):
         identity_soft_rows_ce(logits[:5], rows, soft, 0.3)

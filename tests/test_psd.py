@@ -17,7 +17,7 @@ from pdclip.checkpoint import read_checkpoint
 from pdclip.config import PSD_TEACHERS, LossConfig, TrainConfig
 from pdclip.losses import soft_cross_entropy
 from pdclip.methods import method_loss
-from pdclip.targets import psd_soft_rows
+from pdclip.targets import psd_subset
 from pdclip.teacher import SnapshotTeacher
 from pdclip.train import Trainer, fit
 
@@ -88,7 +88,7 @@ def test_degenerate_gradient_is_clips_scaled_by_one_minus_alpha():
     out = method_loss(LossConfig(method="psd", **DEGENERATE), img, txt, torch.tensor(SCALE), alpha=ALPHA,
                       generator=torch.Generator().manual_seed(0))
     g_psd, = torch.autograd.grad(out.loss, img)
-    chosen = psd_soft_rows(out.logits, LossConfig.psd_subset, generator=torch.Generator().manual_seed(0))[0]
+    chosen = psd_subset(B, LossConfig.psd_subset, torch.Generator().manual_seed(0))
     weight = torch.ones(B, dtype=img.dtype).index_fill_(0, chosen, 1 - ALPHA)  # (B,): 1 - α on the chosen pairs
     logits, labels = SCALE * img @ txt.T, torch.arange(B)
     weighted_clip = 0.5 * ((weight * F.cross_entropy(logits, labels, reduction="none")).mean()

@@ -92,8 +92,10 @@ def muted_colours(rng: np.random.Generator, n: int) -> np.ndarray:
 
 def shape_mask(name: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """Inside-test of a unit-radius shape at local coordinates `u` (right), `v` (down)."""
-    r = np.hypot(u, v)
-    theta = np.arctan2(u, -v)  # 0 points up, so stars and polygons stand on a side
+    if name in ("circle", "star", "ring", "hexagon", "pentagon", "semicircle"):
+        r = np.hypot(u, v)
+    if name in ("star", "hexagon", "pentagon"):
+        theta = np.arctan2(u, -v)  # 0 points up, so stars and polygons stand on a side
     if name == "circle":
         return r <= 1
     if name == "square":
@@ -120,7 +122,8 @@ def shape_mask(name: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 def background(s: Scenes, i: int, size: int) -> np.ndarray:
     """`(size, size, 3)` float background: a linear gradient, or (shifted) stripes / checks."""
-    yy, xx = np.mgrid[0:size, 0:size] / size
+    yy, xx = np.ogrid[0:size, 0:size]  # (size, 1) and (1, size): broadcasting makes the grid
+    yy, xx = yy / size, xx / size
     along = np.cos(s.bg_angle[i]) * xx + np.sin(s.bg_angle[i]) * yy
     if s.shifted:
         stripes = np.floor(along / s.bg_period[i]).astype(int)
@@ -141,7 +144,8 @@ def render(s: Scenes, i: int, size: int, noise: float = 6.0) -> np.ndarray:
         x0, y0 = s.cx[i, k] * size, s.cy[i, k] * size
         lo_y, hi_y = max(int(y0 - r_px) - 1, 0), min(int(y0 + r_px) + 2, size)
         lo_x, hi_x = max(int(x0 - r_px) - 1, 0), min(int(x0 + r_px) + 2, size)
-        yy, xx = np.mgrid[lo_y:hi_y, lo_x:hi_x] + 0.5
+        yy, xx = np.ogrid[lo_y:hi_y, lo_x:hi_x]
+        yy, xx = yy + 0.5, xx + 0.5
         c, sn = np.cos(s.angle[i, k]), np.sin(s.angle[i, k])
         u = (c * (xx - x0) + sn * (yy - y0)) / r_px
         v = (-sn * (xx - x0) + c * (yy - y0)) / r_px
@@ -151,5 +155,5 @@ def render(s: Scenes, i: int, size: int, noise: float = 6.0) -> np.ndarray:
         if s.shifted:  # a diagonal stripe texture on the object: a new style at test time
             fill = fill * (0.7 + 0.3 * (np.floor((u + v) * 2.5) % 2))[..., None]
         img[lo_y:hi_y, lo_x:hi_x][mask] = fill[mask]
-    grain = np.random.default_rng(i).normal(0, noise, size=img.shape)
+    grain = np.random.default_rng(i).standard_normal(img.shape) * noise  # = normal(0, noise), bit for bit
     return np.clip(img + grain, 0, 255).astype(np.uint8)

@@ -33,6 +33,10 @@ from pdclip.data.scenes import COLOURS, SHAPES, render, sample_scenes
 from pdclip.data.transforms import split_transform
 
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2, "shift": 3}
+# A split whose pixels fit in this many bytes keeps each image once rendered (12 KB at 64 px: 2,000
+# pairs take 25 MB): rendering is a pure function of the index and costs about what a CPU training
+# step spends on a sample, so an epoch after the first pays only for the random shift.
+PIXEL_CACHE_BYTES = 128 * 2**20
 TEMPLATES = ["a photo of a {}.", "a drawing of a {}.", "a {} on a plain background."]
 NOISE_KINDS = ("clean", "mismatch", "vague")
 
@@ -92,6 +96,10 @@ class SyntheticCaptions(Dataset):
         self.clean_texts = [clean_caption(rng, self.scenes, i, self.claims, i, relations, synonyms)
                             for i in range(n)]
         self.noise_kind = self._add_noise(rng, p_mismatch if noisy else 0.0, p_vague if noisy else 0.0)
+        # np.empty reserves the memory without touching it: pages fill as images are first rendered.
+        fits = n * image_size**2 * 3 <= PIXEL_CACHE_BYTES
+        self._cache = np.empty((n, image_size, image_size, 3), np.uint8) if fits else None
+        self._rendered = np.zeros(n, dtype=bool)
 
     def _near_duplicates(self, rng: np.random.Generator, p: float) -> np.ndarray:
         """Copy the objects of a random original into a fraction `p` of scenes, nudged a little.
@@ -135,8 +143,17 @@ class SyntheticCaptions(Dataset):
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} samples")
-        pixels = torch.from_numpy(render(self.scenes, i, self.image_size)).permute(2, 0, 1)
+        pixels = torch.from_numpy(self._render(i)).permute(2, 0, 1)
         return {"image": self.transform(pixels), "text": self.texts[i], "index": i, "label": int(self.labels[i])}
+
+    def _render(self, i: int) -> np.ndarray:
+        """Scene `i` as `uint8` `(S, S, 3)`, rendered on first use and kept if the split fits `PIXEL_CACHE_BYTES`."""
+        if self._cache is None:
+            return render(self.scenes, i, self.image_size)
+        if not self._rendered[i]:
+            self._cache[i] = render(self.scenes, i, self.image_size)
+            self._rendered[i] = True
+        return self._cache[i]
 
     @cached_property
     def labels(self) -> Tensor:
