@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> None:
         print_ratios("2. step time / CLIP's, frozen_cpu towers, cached features (heads only, 1 thread)",
                      frozen_step_times(4 * args.repeats, 256))  # short steps: more repeats
     print_ratios("3. loss-only time / CLIP's, B = 4096, D = 512, forward + backward",
-                 method_times(4096, 512, device, max(3, args.repeats // 3)))
+                 method_times(4096, 512, device, max(5, args.repeats // 2)))
     ours, pot, err = sinkhorn_vs_pot(1024, 4 * args.repeats)
     print(f"\n4. sinkhorn B = 1024, 5 iterations: pdclip / POT = {ours / pot:.2f} "
           f"(pdclip {1e3 * ours:.1f} ms, POT {1e3 * pot:.1f} ms), max |plan difference| {err:.1e}")

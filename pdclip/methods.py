@@ -15,7 +15,12 @@ from torch import Tensor
 
 from pdclip.config import LossConfig
 from pdclip.distributed import gather_features
-from pdclip.losses import check_features, identity_soft_rows_ce, symmetric_hard_ce, symmetric_soft_ce
+from pdclip.losses import (
+    check_features,
+    symmetric_hard_ce,
+    symmetric_identity_soft_rows_ce,
+    symmetric_soft_ce,
+)
 from pdclip.positives import positive_targets
 from pdclip.targets import (
     identity_targets,
@@ -117,8 +122,7 @@ def method_loss(
 
         if hard is None:
             p_i2t, p_t2i = soft or (None, None)
-            loss = 0.5 * (identity_soft_rows_ce(logits, chosen, p_i2t, alpha)
-                          + identity_soft_rows_ce(logits.T, chosen, p_t2i, alpha))
+            loss = symmetric_identity_soft_rows_ce(logits, chosen, p_i2t, p_t2i, alpha)
         else:
             loss = symmetric_soft_ce(logits, *make_targets())
         parts["alpha"] = float(alpha)

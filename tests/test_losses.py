@@ -2,7 +2,7 @@ import pytest
 import torch
 from open_clip.loss import ClipLoss
 
-from pdclip.losses import clip_loss, identity_soft_rows_ce, soft_clip_loss, soft_cross_entropy
+from pdclip.losses import clip_loss, identity_soft_rows_ce, soft_clip_loss, soft_cross_entropy, transposed
 from pdclip.targets import identity_targets
 
 
@@ -103,3 +103,13 @@ def test_identity_soft_rows_ce_equals_the_dense_soft_cross_entropy(k, own):
             torch.autograd.grad(fast, logits)
     with pytest.raises(ValueError, match="square logits"):
         identity_soft_rows_ce(logits[:5], rows, soft, 0.3)
+
+
+def test_transposed_is_a_contiguous_transpose_with_the_same_gradient():
+    x = torch.randn(5, 5, dtype=torch.float64, requires_grad=True)
+    y = transposed(x)
+    assert y.is_contiguous() and torch.equal(y, x.T)
+    weights = torch.randn(5, 5, dtype=torch.float64)
+    grad, = torch.autograd.grad((weights * y).sum(), x)
+    assert grad.is_contiguous() and torch.equal(grad, weights.T)
+    assert torch.autograd.gradcheck(transposed, (x,))
