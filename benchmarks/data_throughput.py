@@ -32,6 +32,7 @@ def main(n: int = 1000) -> None:
         ds = build_dataset("synthetic", "train", image_size=size, n_train=n)
         rows.append((f"synthetic {size}px: render only", rate(lambda i, d=ds, s=size: render(d.scenes, i, s), n)))
         rows.append((f"synthetic {size}px: render + train transform", rate(lambda i, d=ds: d[i], n)))
+        rows.append((f"synthetic {size}px: a later epoch (kept pixels + train transform)", rate(lambda i, d=ds: d[i], n)))
     with tempfile.TemporaryDirectory() as tmp:
         for fmt in ("png", "jpg"):
             source = build_dataset("synthetic", "test", image_size=64, n_eval=n)

@@ -58,6 +58,8 @@ class SyntheticCaptions(Dataset):
         augment: random shifts on the images; default only for "train" (pass False to take frozen
             features of the training split, e.g. for a linear probe).
 
+    Each image is rendered on first use and its pixels kept, if the split fits `PIXEL_CACHE_BYTES`.
+
     Attributes:
         texts: the (noisy) caption of each sample; clean_texts: the true caption before noise.
         noise_kind: `(N,)` index into `NOISE_KINDS` ("clean", "mismatch", "vague").
