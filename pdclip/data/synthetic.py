@@ -35,8 +35,9 @@ from pdclip.data.transforms import split_transform
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2, "shift": 3}
 # A split whose pixels fit in this many bytes keeps each image once rendered (12 KB at 64 px: 2,000
 # pairs take 25 MB): rendering is a pure function of the index and costs about what a CPU training
-# step spends on a sample, so an epoch after the first pays only for the random shift.
-PIXEL_CACHE_BYTES = 128 * 2**20
+# step spends on a sample, so an epoch after the first pays only for the random shift. Large splits
+# at 128 px and more (read once, into a feature cache, by the frozen towers) are not kept.
+PIXEL_CACHE_BYTES = 64 * 2**20
 TEMPLATES = ["a photo of a {}.", "a drawing of a {}.", "a {} on a plain background."]
 NOISE_KINDS = ("clean", "mismatch", "vague")
 
