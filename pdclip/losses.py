@@ -83,8 +83,8 @@ def transposed(x: Tensor) -> Tensor:
     """`x.T` for the text→image half of a symmetric loss, `(B, B)` → `(B, B)`, laid out in memory.
 
     The same values and gradient as `x.T`, but on a CPU an elementwise operation between a tensor and a
-    transposed view (the gradients of the two directions meeting in autograd) runs 3–5× slower than a
-    blocked transposing copy; at B = 4096 this saves a fifth of CLIP's loss (benchmarks/loss_overhead.py).
+    transposed view (the gradients of the two directions meeting in autograd) takes 3–5× as long as a
+    transposing copy; at B = 4096 this saves a fifth of CLIP's loss (benchmarks/loss_overhead.py).
     """
     return _Transposed.apply(x)
 
