@@ -90,7 +90,7 @@ def test_identity_soft_rows_ce_equals_the_dense_soft_cross_entropy(k, own):
     g = torch.Generator().manual_seed(k)
     logits = (5 * torch.randn(8, 8, generator=g)).requires_grad_()
     rows = torch.randperm(8, generator=g)[:k]
-    for source in (logits, logits.T):  # PSD calls it on sᵀ too: a non-contiguous view
+    for source in (logits, logits.T):  # sᵀ too, here as a non-contiguous view (PSD passes a contiguous copy)
         soft = source.detach().softmax(-1)[rows] if own else torch.randn(k, 8, generator=g).softmax(-1)
         dense = torch.eye(8)
         dense[rows] = 0.7 * dense[rows] + 0.3 * soft
