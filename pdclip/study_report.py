@@ -290,7 +290,7 @@ def write_report(preset_name: str, out: Path, results_path: Path, figures: Path)
     comparisons = [r for r in rows if any("variants" not in preset["experiments"][e] for e in r["cell"]["experiments"])]
     if comparisons:  # every method against CLIP, one table per headline column
         lines += ["### Summary: paired gain over CLIP, every condition of the method comparisons", "",
-                  f"Mean ± 95 % CI over seeds, in points; **bold**: the CI excludes zero and |Δ| ≥ {MIN_EFFECT:g}.",
+                  f"Mean ± 95 % CI over seeds, in points; **bold**: the CI excludes zero and |Δ| > {MIN_EFFECT:g}.",
                   ""]
         for column in ("ZS", "R@1 i→t", "linear probe"):
             lines += [*summary_table(comparisons, column), ""]
