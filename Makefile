@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 # e.g. `make test TORCH_SPEC="torch torchvision"`; on Colab use `pip install -e .` and keep its torch.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 CLIPART_DIR ?= .cache/openclipart
+# Extra flags for the tutorial runner, e.g. `make tutorial TUTORIAL_FLAGS="--time-limit 600 --strict-time"`.
+TUTORIAL_FLAGS ?=
 
 .PHONY: setup clipart test lint tutorial benchmarks study study-scratch study-quick clean
 
@@ -29,7 +31,7 @@ test: setup clipart lint
 	$(PY) -m pytest -q
 
 tutorial: setup clipart
-	$(PY) -m pdclip.tutorial --out outputs
+	$(PY) -m pdclip.tutorial --out outputs $(TUTORIAL_FLAGS)
 
 benchmarks: setup
 	for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

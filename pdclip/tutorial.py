@@ -1,10 +1,15 @@
-"""Run the tutorial: execute notebooks 00–08 with papermill, measure each, write `summary.md`.
+"""Run the tutorial: execute notebooks 00–09 with papermill, measure each, write `summary.md`.
 
 `python -m pdclip.tutorial --out outputs` (what `make tutorial` runs) executes every notebook in a fresh
 process, prints its wall time and the memory of its kernel, and writes `outputs/summary.md`: the
 per-notebook measurements, each notebook's headline results (from the small JSON it writes to its
-`out_dir`) and links to the figures. `--smoke` passes `smoke=True` (what `tests/test_notebooks.py` does).
-A notebook over the memory limit, or a tutorial over the time limit, fails the run, with the number.
+`out_dir`) and links to the figures. `--smoke` passes `smoke=True` (what `tests/test_notebooks.py` does);
+09 (CC3M, sized for a GPU) always runs at smoke size here.
+
+Limits. A notebook over the memory limit fails the run, everywhere: past it Binder restarts the
+kernel. Time is a property of the machine as much as of the course (one fresh-clone run on a busy
+2-core CPU took 1,829 s where an idle one takes about 350 s), so a tutorial over the time limit fails the run only under CI (`CI=true`) or
+with `--strict-time`; elsewhere it prints a warning with the measured time and the run succeeds.
 
 What "memory" means here — the one measure every limit and test uses. mybinder.org restarts a kernel
 when its container's cgroup passes 2 GB. A cgroup also holds file pages (the mapped torch libraries,
@@ -37,7 +42,8 @@ from pathlib import Path
 from pdclip.render import render_course
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
-TUTORIAL = tuple(f"{i:02d}" for i in range(9))  # 00–08; 09 (CC3M, GPU-sized) runs in `make test` at smoke size
+TUTORIAL = tuple(f"{i:02d}" for i in range(10))  # 00–09
+ALWAYS_SMOKE = ("09",)  # CC3M-sized for a GPU: on a CPU its smoke size is the whole lesson
 MEMORY_LIMIT_MB = 1536  # per notebook: mybinder.org guarantees 1 GB and restarts a kernel past 2 GB
 HEADROOM = 0.15  # the margin every notebook keeps below the limit on a 2-core CPU (reported, not asserted)
 TIME_LIMIT_S = 15 * 60  # the whole CPU tutorial on a 2-core machine
@@ -269,26 +275,48 @@ def _cell(value) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
+def time_verdict(total_s: float, limit_s: float, strict: bool) -> tuple[str, bool]:
+    """The closing line's note on the tutorial's wall time, and whether it fails the run.
+
+    Over the limit is a failure only when `strict` (CI, or asked for); elsewhere a warning that says
+    what was measured, since a slow or busy machine is no fault of the course.
+    """
+    if total_s <= limit_s:
+        return "", False
+    if strict:
+        return f"  FAILED: {total_s:.0f} s is over the {limit_s:.0f} s limit", True
+    return (f"  WARNING: {total_s:.0f} s is over the {limit_s:.0f} s this course takes on an idle 2-core CPU "
+            f"(a busy or slower machine; not a failure outside CI, see --strict-time)"), False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("outputs"), help="output folder")
     parser.add_argument("--smoke", action="store_true", help="pass smoke=True: a shrunken, quick run")
     parser.add_argument("--only", nargs="*", default=list(TUTORIAL), help="notebook prefixes, e.g. 03 04")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds allowed per cell")
+    parser.add_argument("--time-limit", type=float, default=TIME_LIMIT_S,
+                        help=f"seconds for the whole full tutorial (default {TIME_LIMIT_S})")
+    parser.add_argument("--strict-time", action="store_true",
+                        help="fail when over the time limit (the default under CI=true); else only warn")
     args = parser.parse_args(argv)
+    strict = args.strict_time or os.environ.get("CI", "").lower() in ("true", "1")
     runs = []
     print(f"{'notebook':32s} {'time':>9s} {'imports':>10s} {'peak':>10s} {'margin':>7s}  status "
-          f"(memory limit {MEMORY_LIMIT_MB} MB, time limit {TIME_LIMIT_S} s)", flush=True)
+          f"(memory limit {MEMORY_LIMIT_MB} MB, time limit {args.time_limit:.0f} s"
+          f"{'' if strict else ', warned'})", flush=True)
     for path in notebook_paths(tuple(args.only)):
-        run = run_notebook(path, args.out, smoke=args.smoke, timeout=args.timeout, measure_imports=True)
+        smoke = args.smoke or path.name[:2] in ALWAYS_SMOKE
+        run = run_notebook(path, args.out, smoke=smoke, timeout=args.timeout, measure_imports=True)
         print(f"{run.name:32s} {run.seconds:7.1f} s {run.imports_mb:7.0f} MB {run.peak_mb:7.0f} MB "
               f"{margin(run.peak_mb):6.0%}  {run.status}", flush=True)
         runs.append(run)
     total = sum(r.seconds for r in runs)
     worst = max(runs, key=lambda r: r.peak_mb)
-    over_time = total > TIME_LIMIT_S and not args.smoke and len(runs) == len(TUTORIAL)
+    timed = not args.smoke and len(runs) == len(TUTORIAL)  # the limit is for the whole full course
+    note, over_time = time_verdict(total, args.time_limit, strict) if timed else ("", False)
     print(f"{'total':32s} {total:7.1f} s; largest peak {worst.peak_mb:.0f} MB ({worst.name}), "
-          f"margin {margin(worst.peak_mb):.0%}" + (f"  FAILED: over the {TIME_LIMIT_S} s limit" if over_time else ""))
+          f"margin {margin(worst.peak_mb):.0%}" + note)
     print(f"rendered course: {render_course(args.out.resolve())}")
     print(f"summary: {write_summary(runs, args.out.resolve(), args.smoke)}")
     return 1 if over_time or not all(r.ok for r in runs) else 0

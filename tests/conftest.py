@@ -7,7 +7,11 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One intra-op thread, here and (through the environment) in every process a test starts: on a busy
+# 2-core CPU two threads wait on each other (see `pdclip.features.cpu_threads`), and a test's speed
+# should not depend on what else the machine runs.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 
 @pytest.fixture

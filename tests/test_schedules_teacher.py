@@ -53,3 +53,18 @@ def test_ema_teacher_shares_frozen_parameters_and_averages_the_rest():
     before = teacher.module[1].weight.clone()
     teacher.update(student)
     torch.testing.assert_close(teacher.module[1].weight, before + 0.9)
+
+
+class _Tokenizer:
+    """Stands for a Hugging Face tokenizer: state that is not learned, costly to copy."""
+
+    def __deepcopy__(self, memo):
+        raise AssertionError("the teacher deep-copied the tokenizer")
+
+
+def test_teacher_shares_the_tokenizers_instead_of_copying_them():
+    student = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2))
+    student.tokenizer, student[1].hf_tokenizer = _Tokenizer(), _Tokenizer()
+    teacher = EmaTeacher(student)
+    assert teacher.module.tokenizer is student.tokenizer and teacher.module[1].hf_tokenizer is student[1].hf_tokenizer
+    assert teacher.module[1].weight is not student[1].weight
