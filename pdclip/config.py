@@ -6,14 +6,29 @@ configuration (`TrainConfig`) embeds it, so a checkpoint's `to_dict()` records t
 
 from __future__ import annotations
 
+import difflib
+import functools
+import inspect
+import io
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+import re
+import textwrap
+import tokenize
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import get_args, get_origin, get_type_hints
 
+# The values a choice field takes: checked in `__post_init__` (`CHOICES`) and listed by `--help`.
 METHODS = ("clip", "ls", "kd", "psd", "otter")
-PSD_TEACHERS = ("self", "ema", "snapshot", "intra")  # LossConfig.psd_teacher
+PSD_SCHEDULES = ("linear", "constant", "cosine")
+PSD_TEACHERS = ("self", "ema", "snapshot", "intra")
+OPTIMIZERS = ("adamw", "sgd")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+HEADS = ("linear", "mlp")
+REPORTERS = ("tensorboard",)  # TrainConfig.report_to, beside the always-written metrics.jsonl
+CHOICES = {"method": METHODS, "psd_schedule": PSD_SCHEDULES, "psd_teacher": PSD_TEACHERS,
+           "optimizer": OPTIMIZERS, "precision": PRECISIONS, "head": HEADS, "report_to": REPORTERS}
 CONFIG_DIR = Path(__file__).parent / "configs"  # shipped TrainConfig files
 
 
@@ -21,22 +36,22 @@ CONFIG_DIR = Path(__file__).parent / "configs"  # shipped TrainConfig files
 class LossConfig:
     """Hyper-parameters of the target makers. Paper values unless marked *reconstruction*."""
 
-    method: str = "clip"
+    method: str = "clip"  # which targets + loss (pdclip.methods); "clip" is the identity-target baseline
     # Label smoothing (docs/methods.md §2): the OTTER paper does not state its value.
     ls_epsilon: float = 0.1
     # KD and OTTER mix the hard and soft losses: L = alpha * L_clip + (1 - alpha) * L_soft (§3, §4).
     mix_alpha: float = 0.5
-    kd_tau: float = 100.0
+    kd_tau: float = 100.0  # KD's sharpness: the teacher's similarities x kd_tau before the softmax (§3)
     # OTTER (§4): Sinkhorn on the teacher's similarities, positive pair masked by a large lambda.
     ot_epsilon: float = 0.15
-    ot_iters: int = 5
-    ot_lambda: float = 100.0
+    ot_iters: int = 5  # Sinkhorn iterations
+    ot_lambda: float = 100.0  # the penalty that masks the positive pair in the cost
     # EMA teacher for KD / OTTER (and PSD's psd_teacher="ema"): d_n = min(decay, (1 + n) / (10 + n)).
     ema_decay: float = 0.999
     # PSD (§5) — a *reconstruction*: every open choice is a field.
-    psd_alpha_max: float = 0.5
+    psd_alpha_max: float = 0.5  # the soft targets' weight alpha at the end of psd_schedule
     psd_subset: float = 0.5  # rho: fraction of rows that receive soft targets
-    psd_schedule: str = "linear"  # "linear" | "constant" | "cosine"
+    psd_schedule: str = "linear"  # how alpha rises from 0 to psd_alpha_max over the run (pdclip.schedules)
     psd_temperature: float = 1.0  # T_soft: the teacher's logits, at the teacher's own temperature, / T_soft
     # Whose predictions become the soft targets (pdclip.methods.psd_teacher_logits):
     #   "self": the same forward, detached — at T_soft = 1 only a per-row reweighting of CLIP (a control);
@@ -54,9 +69,7 @@ class LossConfig:
     positive_images: bool = False  # with multi_positive: identical images (same bytes) count too
 
     def __post_init__(self) -> None:
-        check_choice("method", self.method, METHODS)
-        check_choice("psd_schedule", self.psd_schedule, ("linear", "constant", "cosine"))
-        check_choice("psd_teacher", self.psd_teacher, PSD_TEACHERS)
+        check_choices(self)
         for name in ("ls_epsilon", "mix_alpha", "psd_alpha_max", "psd_subset"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -100,6 +113,14 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
+def check_choices(cfg: LossConfig | TrainConfig) -> None:
+    """`check_choice` for each of `cfg`'s fields listed in `CHOICES` (None: an optional one left unset)."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name in CHOICES and value is not None:
+            check_choice(f.name, value, CHOICES[f.name])
+
+
 @dataclass
 class TrainConfig:
     """Everything `pdclip.train.fit` needs. Nested `loss` holds the method and its knobs.
@@ -109,15 +130,17 @@ class TrainConfig:
     """
 
     # Data: a `pdclip.data` source; `data_kwargs` go to `build_dataset` (e.g. `n_train`, `root`, `urls`).
-    dataset: str = "synthetic"
-    data_kwargs: dict = field(default_factory=dict)
+    dataset: str = "synthetic"  # a pdclip.data source (pdclip.data.SOURCES), built by build_dataset
+    data_kwargs: dict = field(default_factory=dict)  # JSON keywords of the source, e.g. '{"n_train": 2000}'
+    train_data: str | None = None  # shards / hf: the training shards, a brace pattern (replaces data_kwargs' urls)
+    val_data: str | None = None  # shards / hf: held-out shards for evaluation; without them none runs
     # Model (pdclip.models.create_model); OTTER initialises both log-temperatures at 3.9.
-    model: str = "pdclip-vit-tiny"
-    pretrained_text: str | None = None
-    freeze_text: bool = False
+    model: str = "pdclip-vit-tiny"  # an open_clip architecture (pdclip/model_configs/*.json or open_clip's)
+    pretrained_text: str | None = None  # e.g. "all-MiniLM-L6-v2": an offline sentence encoder (pdclip[text])
+    freeze_text: bool = False  # with pretrained_text: train only its new head
     pretrained_image: str | None = None  # e.g. "efficientnet_lite0": offline ImageNet weights (pdclip.towers)
-    freeze_image: bool = False  # with an offline pretrained_image: train its head (+ trainable_blocks) only
-    trainable_blocks: int = 0  # with freeze_image: the backbone's last blocks that still train
+    freeze_image: bool = False  # fix the pretrained image tower but trainable_blocks (+ an offline one's head); open_clip's --lock-image
+    trainable_blocks: int = 0  # with freeze_image: its last blocks (open_clip towers: layer groups) that still train
     pretrained_lr_scale: float = 0.1  # lr multiplier of the image backbone's trainable pretrained weights
     image_size: int | None = None  # None: the offline backbone's ImageNet size, else the architecture's
     head: str = "linear"  # the pretrained towers' new projection heads: "linear" | "mlp"
@@ -128,44 +151,47 @@ class TrainConfig:
     feature_cache: bool = False
     feature_views: int = 1  # image views of the training split: 0 plain, 1.. augmented; epoch e reads e % K
     feature_cache_dir: str | None = None  # None: the repository's .cache/features (or $PDCLIP_FEATURE_CACHE)
-    init_logit_scale: float = math.log(1 / 0.07)
-    init_logit_scale_soft: float = 3.9
+    init_logit_scale: float = math.log(1 / 0.07)  # the log-temperature at init (open_clip: log(1/0.07))
+    init_logit_scale_soft: float = 3.9  # OTTER's second log-temperature (its soft targets') at init
     # Optimisation. `batch_size` is the *global* batch, split evenly over the ranks.
-    steps: int = 300
-    batch_size: int = 64
+    steps: int = 300  # optimiser updates
+    batch_size: int = 64  # pairs per update, over all ranks
+    accum_freq: int = 1  # split each update's batch into this many micro-batches (less memory, same update)
     optimizer: str = "adamw"  # "adamw" | "sgd" (OTTER's recipe: momentum 0.9, lr 3e-3, wd 0, no warm-up)
-    lr: float = 1e-3
-    min_lr: float = 0.0
-    warmup_steps: int = 30
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
-    momentum: float = 0.9
+    lr: float = 1e-3  # peak learning rate: linear warm-up to it, then cosine decay to min_lr
+    min_lr: float = 0.0  # the learning rate at the last step
+    warmup_steps: int = 30  # steps of linear warm-up from 0
+    weight_decay: float = 0.1  # decoupled weight decay (none on gains, biases and temperatures)
+    betas: tuple[float, float] = (0.9, 0.98)  # AdamW's betas, a JSON list: '[0.9, 0.98]'
+    eps: float = 1e-6  # AdamW's epsilon
+    momentum: float = 0.9  # SGD's momentum
     grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
     precision: str = "auto"  # "auto" (bf16 / fp16 on a GPU, fp32 on a CPU) | "fp32" | "bf16" | "fp16"
-    device: str = "auto"
-    num_workers: int = 0
-    seed: int = 0
-    # Outputs: <out>/metrics.jsonl, eval.jsonl, checkpoint.pt, config.json, snapshots/step_XXXXXX.pt.
-    out: str = "runs/default"
-    resume: bool = False
-    overwrite: bool = False
+    device: str = "auto"  # "auto" (the GPU of LOCAL_RANK if one is visible, else the CPU) | "cpu" | "cuda[:N]"
+    num_workers: int = 0  # DataLoader worker processes per rank; 0 loads in the training process
+    seed: int = 0  # seeds the initialisation, the batch order and PSD's subsets
+    # Outputs: <out>/metrics.jsonl, eval.jsonl, train.log, config.json, checkpoint_XXXXXX.pt (every save_every
+    # steps, the newest keep_checkpoints kept), checkpoint.pt (the newest of them), snapshots/step_XXXXXX.pt.
+    out: str = "runs/default"  # the run folder
+    resume: str | None = None  # "latest" (the newest checkpoint in out) or a checkpoint file; true = "latest"
+    overwrite: bool = False  # start again in an out that holds a run (its checkpoints and logs are deleted)
+    keep_checkpoints: int = 3  # the newest numbered checkpoints kept; 0 keeps them all
+    report_to: str | None = None  # also log metrics to "tensorboard" (<out>/tensorboard; pip install pdclip[tensorboard])
     save_every: int = 100  # steps between checkpoints (one is always written at the end)
     eval_every: int = 0  # steps between evaluations; 0 evaluates only at the end when an eval hook exists
     snapshot_every: int = 50  # steps between snapshots of the probe batch; 0 turns them off
     snapshot_size: int = 32  # pairs in the fixed probe batch
     eval_max_samples: int = 500  # per split in the CLI's periodic evaluation (val split, no linear probe)
-    progress: bool = True
-    loss: LossConfig = field(default_factory=LossConfig)
+    progress: bool = True  # a progress bar on rank 0
+    loss: LossConfig = field(default_factory=LossConfig)  # the method and its knobs: --FIELD or --loss.FIELD
 
     def __post_init__(self) -> None:
         if isinstance(self.loss, dict):
             self.loss = LossConfig.from_dict(self.loss)
         self.betas = tuple(self.betas)
-        check_choice("optimizer", self.optimizer, ("adamw", "sgd"))
-        check_choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
-        check_choice("head", self.head, ("linear", "mlp"))
-        for name in ("steps", "batch_size", "snapshot_size", "eval_max_samples", "head_hidden", "feature_views"):
+        check_choices(self)
+        for name in ("steps", "batch_size", "accum_freq", "snapshot_size", "eval_max_samples", "head_hidden",
+                     "feature_views"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "num_workers",
@@ -175,10 +201,22 @@ class TrainConfig:
         for name in ("image_size", "embed_dim"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be None or >= 1, got {getattr(self, name)}")
+        if self.batch_size % self.accum_freq:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of accum_freq ({self.accum_freq}): "
+                             "it is the whole update's batch, split into accum_freq micro-batches")
         if not 0.0 < self.pretrained_lr_scale <= 1.0:
             raise ValueError(f"pretrained_lr_scale must be in (0, 1], got {self.pretrained_lr_scale}")
+        shard_source = self.dataset in ("shards", "hf")  # pdclip.data.SHARD_SOURCES
+        if not shard_source and (self.train_data or self.val_data):
+            raise ValueError(f"train_data / val_data are shard patterns, for dataset shards or hf, not {self.dataset!r}")
+        if isinstance(self.resume, bool) or self.resume in ("true", "false"):  # configs from before "latest"
+            self.resume = "latest" if self.resume in (True, "true") else None
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other")
+        if self.keep_checkpoints < 0:
+            raise ValueError(f"keep_checkpoints must be >= 0 (0 keeps every checkpoint), got {self.keep_checkpoints}")
+        if self.dataset == "shards" and not (self.train_data or self.data_kwargs.get("urls")):
+            raise ValueError("--dataset shards needs the training shards: --train-data 'path/to/shard-{0000..0099}.tar'")
         frozen = self.pretrained_text and self.freeze_text and self.pretrained_image and self.freeze_image
         if self.feature_cache and not (frozen and self.trainable_blocks == 0):
             raise ValueError("feature_cache needs both pretrained towers frozen: pretrained_text + freeze_text, "
@@ -209,7 +247,9 @@ class TrainConfig:
                 train[name] = _convert(name, value, train_types[name])
             else:
                 options = sorted(set(train) - {"loss"} | set(loss))
-                raise ValueError(f"unknown option --{name}; valid options: {', '.join(options)}")
+                near = difflib.get_close_matches(name, options, n=1)
+                hint = f"did you mean --{near[0]}? " if near else ""
+                raise ValueError(f"unknown option --{name}; {hint}see --help for every option")
         return TrainConfig.from_dict({**train, "loss": loss})
 
 
@@ -257,7 +297,82 @@ def parse_cli(argv: list[str]) -> TrainConfig:
             overrides[name] = value
         i += 1
     cfg = TrainConfig() if config is None else load_config(config)
+    new_dataset = overrides.get("dataset", cfg.dataset)
+    if config is not None and new_dataset != cfg.dataset and cfg.data_kwargs and "data_kwargs" not in overrides:
+        raise ValueError(f"--dataset {new_dataset}: --config {config} sets data_kwargs {cfg.data_kwargs} for its "
+                         f"dataset {cfg.dataset}; give this one's too, e.g. --data-kwargs '{{}}'")
     return cfg.with_overrides(overrides)
+
+
+USAGE = """usage: python -m pdclip.train [-h] [--config NAME_OR_PATH] [--FIELD=VALUE ...]
+       torchrun --nproc_per_node=N -m pdclip.train [...]
+
+Train one run. Every option is a field of TrainConfig or LossConfig (pdclip/config.py): --field=value,
+--field value, or a bare --flag (= true); "-" and "_" are the same. Options override --config.
+
+  -h, --help              show this message and exit
+  --config NAME_OR_PATH   a JSON file of TrainConfig fields, or a shipped recipe: {shipped}"""
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's description: its trailing `# comment`, else the comment lines just above it.
+
+    Read from the class's source with `tokenize` (a `#` inside a string is not a comment), so the
+    comments beside the defaults stay the one place a field is described.
+    """
+    lines = textwrap.dedent(inspect.getsource(cls)).splitlines()
+    comments = {}  # row (0-based) -> (comment text, whether code precedes it on the row)
+    for tok in tokenize.generate_tokens(io.StringIO("\n".join(lines) + "\n").readline):
+        if tok.type == tokenize.COMMENT:
+            row, col = tok.start[0] - 1, tok.start[1]
+            comments[row] = (tok.string.lstrip("#").strip(), bool(lines[row][:col].strip()))
+    names, docs = {f.name for f in fields(cls)}, {}
+    for row, line in enumerate(lines):
+        match = re.match(r"    (\w+)\s*:", line)
+        if not match or match.group(1) not in names:
+            continue
+        text, trailing = comments.get(row, ("", False))
+        if not trailing:  # the block of comment-only rows right above the field
+            above = row - 1
+            while above in comments and not comments[above][1]:
+                above -= 1
+            text = " ".join(comments[r][0] for r in range(above + 1, row))
+        docs[match.group(1)] = " ".join(text.split())
+    return docs
+
+
+def cli_help() -> str:
+    """The `--help` text of `python -m pdclip.train`: every field with its description, default and choices."""
+    shipped = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
+    out = [USAGE.format(shipped=shipped)]
+    for cls, title in ((TrainConfig, "training (TrainConfig)"), (LossConfig, "method (LossConfig; also --loss.FIELD)")):
+        out.append(f"\n{title}:")
+        docs, hints = field_docs(cls), get_type_hints(cls)
+        for f in fields(cls):
+            if f.name == "loss":  # its fields are listed as options of their own
+                continue
+            default = f.default_factory() if f.default is MISSING else f.default
+            notes = ([f"choices: {', '.join(CHOICES[f.name])}"] if f.name in CHOICES else []) + [
+                f"default: {json.dumps(default) if isinstance(default, (dict, tuple)) else default}"]
+            option = f"  --{f.name.replace('_', '-')} {_metavar(hints[f.name])}"
+            body = f"{docs.get(f.name, '')} ({'; '.join(notes)})"
+            wrapped = textwrap.wrap(body, 110, initial_indent=" " * 26, subsequent_indent=" " * 26)
+            if len(option) < 25:
+                wrapped[0] = option.ljust(26) + wrapped[0][26:]
+            else:
+                wrapped.insert(0, option)
+            out += wrapped
+    return "\n".join(out)
+
+
+def _metavar(hint: object) -> str:
+    """How an option's value is written: `INT`, `FLOAT|none`, `JSON` (dicts, lists), `[BOOL]` (bare = true)."""
+    optional = type(None) in get_args(hint)
+    base = next(a for a in get_args(hint) if a is not type(None)) if optional else hint
+    base = get_origin(base) or base
+    name = {bool: "[BOOL]", dict: "JSON", tuple: "JSON", list: "JSON"}.get(base, getattr(base, "__name__", "X").upper())
+    return name + ("|none" if optional else "")
 
 
 def load_config(name_or_path: str) -> TrainConfig:

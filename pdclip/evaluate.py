@@ -4,6 +4,10 @@
 and what the CLI runs on a checkpoint:
 
     python -m pdclip.evaluate --checkpoint runs/x/checkpoint.pt --dataset synthetic --out results.json
+    python -m pdclip.evaluate --checkpoint runs/cc3m --val-data 'data/cc3m/cc3m-validation-{0000..0015}.tar'
+
+Shard sources (`shards`, `hf`) are scored only on held-out shards (`--val-data`, or the run's
+`val_data`), reported as "val"; the training shards are never called val or test.
 
 Results are flat `dict[str, float]` with keys `"{split}/zeroshot/{task}/{metric}"`,
 `"{split}/retrieval/{metric}"` and `"linear_probe/{metric}"`, ready for JSON and for a metrics log;
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -275,9 +280,14 @@ def latest_target_quality(checkpoint: str | Path, train, mix_alpha: float) -> di
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Evaluate a pdclip checkpoint; write every metric as JSON.")
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by `python -m pdclip.train`")
-    p.add_argument("--dataset", default="synthetic", help="a source name of pdclip.data.build_dataset")
+    p.add_argument("--dataset", default=None,
+                   help="a source name of pdclip.data.build_dataset (default: the run's; shards with --val-data)")
+    p.add_argument("--val-data", default=None,
+                   help="shards / hf: the held-out shards, a brace pattern (default: the run's val_data); "
+                        "training shards are never scored as val or test")
     p.add_argument("--splits", default=None,
-                   help="comma-separated splits (default: train,val,test, plus shift for synthetic)")
+                   help="comma-separated splits (default: train,val,test, plus shift for synthetic; "
+                        "shards / hf: val, the --val-data shards, and train for the training shards)")
     p.add_argument("--out", default=None, help="the JSON file to write (default: print only)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=256)
@@ -293,24 +303,37 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     """Evaluate a checkpoint on every split; add the latest snapshot's target quality when the run
     trained on this dataset and the dataset knows its truth."""
     from pdclip.checkpoint import load_checkpoint
-    from pdclip.data import build_dataset
+    from pdclip.data import SHARD_SOURCES, build_dataset, split_kwargs
 
     args = parse_args(argv)
     model, cfg = load_checkpoint(args.checkpoint, args.device)
-    splits = args.splits.split(",") if args.splits else list(PROBE_SPLITS) + (["shift"] if args.dataset == "synthetic" else [])
+    val_data = args.val_data or cfg.val_data
+    if args.dataset is None:
+        args.dataset = cfg.dataset if cfg.dataset in SHARD_SOURCES or not args.val_data else "shards"
+    shards = args.dataset in SHARD_SOURCES
+    default = ["val"] if shards else list(PROBE_SPLITS) + (["shift"] if args.dataset == "synthetic" else [])
+    splits = args.splits.split(",") if args.splits else default
+    if shards and not set(splits) <= {"train", "val"}:
+        sys.exit(f"error: shards have one held-out set (--val-data), reported as 'val'; got splits {splits}")
     same_data = cfg.dataset == args.dataset
     # Frozen features for every metric: no augmentation, the training split included (linear probe).
-    kwargs = {"image_size": model.image_size, **(cfg.data_kwargs if same_data else {}), "augment": False}
+    try:
+        kwargs = {s: {"image_size": model.image_size, "augment": False,
+                      **split_kwargs(args.dataset, s, cfg.data_kwargs if same_data else {}, cfg.train_data, val_data)}
+                  for s in splits}
+    except ValueError as e:  # held-out shards not given
+        sys.exit(f"error: {e}")
     if args.feature_cache:  # the same numbers as the full towers (tests/test_features.py), far cheaper
-        from pdclip.features import cached_splits
+        from pdclip.features import CachedFeatures, HeadsOnly
 
-        encoder, datasets = cached_splits(model, args.dataset, splits, kwargs, cfg.feature_cache_dir)
+        datasets = {s: CachedFeatures(model, args.dataset, s, kwargs[s], root=cfg.feature_cache_dir) for s in splits}
+        encoder = HeadsOnly(model, datasets.values())
     else:
-        datasets, encoder = {s: build_dataset(args.dataset, s, **kwargs) for s in splits}, model
+        datasets, encoder = {s: build_dataset(args.dataset, s, **kwargs[s]) for s in splits}, model
     results = evaluate_model(encoder, datasets, device=args.device, batch_size=args.batch_size,
                              max_samples=args.max_samples, linear_probe=not args.no_linear_probe)
-    if same_data:  # snapshot indices point into the training split the run used
-        train = datasets["train"] if "train" in datasets else build_dataset(args.dataset, "train", **kwargs)
+    if same_data and not shards:  # snapshot indices point into the training split the run used
+        train = datasets["train"] if "train" in datasets else build_dataset(args.dataset, "train", **kwargs[splits[0]])
         results.update(latest_target_quality(args.checkpoint, train, cfg.loss.mix_alpha))
     text = json.dumps(results, indent=2, sort_keys=True)
     print(text)

@@ -44,14 +44,15 @@ import json
 import os
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
 from pdclip.checkpoint import atomic_write_json
@@ -59,7 +60,7 @@ from pdclip.data import build_dataset, collate
 from pdclip.data.sampling import SeededSamples
 from pdclip.models import state_sha256
 
-VERSION = 1  # part of every key: bump when extraction or the file layout changes
+VERSION = 2  # part of every key: bump when extraction or the file layout changes (2: views' seeds)
 DEFAULT_ROOT = Path(os.environ.get("PDCLIP_FEATURE_CACHE", Path(__file__).resolve().parents[1] / ".cache" / "features"))
 
 
@@ -135,7 +136,8 @@ def cached_array(root: Path, name: str, key: dict, rows: int, chunks: Iterator[T
     shape = out.shape
     del out
     os.replace(tmp, path)
-    atomic_write_json({"key": key, "shape": list(shape), "dtype": "float32"}, meta)  # last: marks it complete
+    atomic_write_json({"key": key, "shape": list(shape), "dtype": "float32", "sha256": _file_sha256(path)},
+                      meta)  # last: marks it complete
     seconds = time.perf_counter() - tic
     if not quiet:
         print(f"extracted {name}: {rows:,} {unit} in {seconds:.1f} s ({rows / seconds:.0f} {unit}/s)")
@@ -143,7 +145,10 @@ def cached_array(root: Path, name: str, key: dict, rows: int, chunks: Iterator[T
 
 
 def _open(path: Path, meta: Path, key: dict, rows: int) -> np.ndarray:
-    """Memory-map a finished cache file after checking its key, shape and size."""
+    """Memory-map a finished cache file after checking its key, shape, size and content: the sha256
+    in its `.json` (a same-shape file of another split or shard, copied over it, is refused). Hashing
+    reads the file once per open (about a second per GB); a `.json` from before content hashes gets
+    the file's hash recorded on its first open."""
     fix = f"delete {path} and {meta.name} to rebuild it"
     try:
         stored = json.loads(meta.read_text())
@@ -160,7 +165,22 @@ def _open(path: Path, meta: Path, key: dict, rows: int) -> np.ndarray:
     if array.ndim != 2 or len(array) != rows or array.dtype != np.float32 or list(array.shape) != stored.get("shape"):
         raise FeatureCacheError(f"feature cache {path} holds {array.dtype} {array.shape}, expected float32 "
                                 f"({rows}, F) as its .json says ({stored.get('shape')}); {fix}")
+    digest = _file_sha256(path)
+    if "sha256" not in stored:
+        with suppress(OSError):  # a read-only shared cache: checked by shape only, as before hashes
+            atomic_write_json({**stored, "sha256": digest}, meta)
+    elif stored["sha256"] != digest:
+        raise FeatureCacheError(f"feature cache {path} is not the file its {meta.name} describes (its sha256 "
+                                f"differs: replaced or changed after it was written); {fix}")
     return array
+
+
+def _file_sha256(path: Path, chunk: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @torch.no_grad()
@@ -229,7 +249,11 @@ def shard_features(source, backbone: nn.Module, image_size: int, root: Path, dev
         name = f"shards-{Path(url.split('?')[0]).stem}-{tower['tower']}-{image_size}px"
         index_path = Path(root) / f"{name}-{_digest(key)[:16]}.index.json"
         if index_path.is_file():
-            stored = json.loads(index_path.read_text())
+            try:
+                stored = json.loads(index_path.read_text())
+            except json.JSONDecodeError as e:  # a write cut short outside pdclip (its own are atomic), a disk error
+                raise FeatureCacheError(f"feature cache {index_path} is corrupt ({e}); delete it to extract "
+                                        "the shard again") from e
             if stored.get("key") != key:
                 raise FeatureCacheError(f"feature cache {index_path} was made for another shard or tower; delete it")
             shard_texts, shard_labels = stored["texts"], stored["labels"]
@@ -257,26 +281,39 @@ def shard_features(source, backbone: nn.Module, image_size: int, root: Path, dev
 
 
 class _OneShard(IterableDataset):
-    """The good samples of one shard, in order, numbered: what a DataLoader over a single shard reads."""
+    """Collated batches of one shard's good samples, in order, for a DataLoader with `batch_size=None`.
 
-    def __init__(self, source, url: str):
-        self.source, self.url = source, url
+    Raw chunk `b` (samples `bB .. (b+1)B - 1`) is decoded by worker `b % workers`: each sample is decoded
+    once, and the loader's round robin over the workers puts the chunks back in order. Every worker
+    reads the shard's bytes (cheap beside decoding). A chunk with no good sample is `{}`, so the
+    round robin stays aligned.
+    """
+
+    def __init__(self, source, url: str, batch_size: int):
+        self.source, self.url, self.batch_size = source, url, batch_size
 
     def __iter__(self) -> Iterator[dict]:
-        for i, sample in enumerate(self.source.shard_samples(self.url)):
-            yield {**sample, "index": i}
+        info = get_worker_info()
+        wid, workers = (info.id, info.num_workers) if info else (0, 1)
+        raws = self.source.raw_samples(self.url)
+        for b, chunk in enumerate(iter(lambda: list(islice(raws, self.batch_size)), [])):
+            if b % workers == wid:
+                samples = [s for s in (self.source.sample(raw, self.source.stats) for raw in chunk) if s is not None]
+                yield collate([{**s, "index": b * self.batch_size + i} for i, s in enumerate(samples)]) if samples else {}
 
 
 @torch.no_grad()
-def _extract_shard(source, url: str, backbone: nn.Module, device: torch.device,
-                   batch_size: int) -> tuple[np.ndarray, list[str], list[int | None]]:
+def _extract_shard(source, url: str, backbone: nn.Module, device: torch.device, batch_size: int,
+                   workers: int | None = None) -> tuple[np.ndarray, list[str], list[int | None]]:
     """One pass over one shard: `(features (n, F), captions, labels)` of its good samples, in order.
 
-    On a GPU, loader processes decode while the backbone runs; on a CPU the main process decodes on one
-    thread (small image ops on a busy shared CPU run ~40x slower with two threads waiting on each other).
+    On a GPU, loader processes (`workers`, default up to 8) decode while the backbone runs; on a CPU
+    the main process decodes on one thread (small image ops on a busy shared CPU run ~40x slower with
+    two threads waiting on each other).
     """
-    workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
-    loader = DataLoader(_OneShard(source, url), batch_size=batch_size, num_workers=workers, collate_fn=collate,
+    if workers is None:
+        workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
+    loader = DataLoader(_OneShard(source, url, batch_size), batch_size=None, num_workers=workers,
                         pin_memory=device.type == "cuda")
     features, texts, labels, tic = [], [], [], time.perf_counter()
     was_training, batches = backbone.training, iter(loader)
@@ -288,6 +325,8 @@ def _extract_shard(source, url: str, backbone: nn.Module, device: torch.device,
                     batch = next(batches, None)
                 if batch is None:
                     break
+                if not batch:  # a chunk with no good sample
+                    continue
                 features.append(backbone(batch["image"].to(device, non_blocking=True)).float().cpu().numpy())
                 texts += batch["text"]
                 labels += batch["label"].tolist() if "label" in batch else [None] * len(batch["text"])

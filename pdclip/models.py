@@ -17,7 +17,9 @@ Temperatures follow the architecture contract: stored as logs, used as `exp().cl
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -222,11 +224,35 @@ def resolve_sentence_encoder(name_or_path: str) -> str:
     return name_or_path
 
 
+class _NoPretrainedWarning(logging.Filter):
+    """Drops open_clip's root-logger warning for a model built without pretrained weights on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+
+@contextlib.contextmanager
+def _open_clip_quietly(random_towers: bool = False):
+    """open_clip logs through the root logger (`logging.info(...)`), which calls `basicConfig()` when the
+    root has no handler; from then on every pdclip INFO record prints too (red stderr boxes in a notebook).
+    A placeholder handler prevents that; with `random_towers` (no pretrained tag, on purpose) open_clip's
+    "No pretrained weights loaded" warning is dropped as well."""
+    root, placeholder, quiet = logging.getLogger(), logging.NullHandler(), _NoPretrainedWarning()
+    root.addHandler(placeholder)
+    if random_towers:
+        root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)  # a no-op when it was not added
+        root.removeHandler(placeholder)
+
+
 def create_model(name: str, pretrained_text: str | None = None, *, freeze_text: bool = False,
                  pretrained_image: str | None = None, freeze_image: bool = False, trainable_blocks: int = 0,
                  image_size: int | None = None, head: str = "linear", head_hidden: int = 512,
                  embed_dim: int | None = None, init_logit_scale: float = INIT_LOGIT_SCALE,
-                 init_logit_scale_soft: float = INIT_LOGIT_SCALE_SOFT) -> DualEncoder:
+                 init_logit_scale_soft: float = INIT_LOGIT_SCALE_SOFT, load_weights: bool = True) -> DualEncoder:
     """Build a dual encoder.
 
     Args:
@@ -238,14 +264,20 @@ def create_model(name: str, pretrained_text: str | None = None, *, freeze_text: 
             `"efficientnet_lite0"`) replacing the image tower; or an open_clip pretrained tag (e.g.
             `"openai"`) or `"timm"` (ImageNet weights for a timm image tower such as
             `pdclip-otter-rn50`), which need the internet.
-        freeze_image: with an offline `pretrained_image`, train only the head of the image tower...
-        trainable_blocks: ...and the backbone's last this many blocks (`ImageBackbone`).
+        freeze_image: fix the pretrained image tower: with an offline `pretrained_image`, train only its
+            head...; with open_clip weights (a tag, a file, "timm"), open_clip's `lock()` (LiT, open_clip_train's
+            `--lock-image`) fixes the whole tower...
+        trainable_blocks: ...but its last this many blocks: the backbone's blocks (`ImageBackbone`), or
+            open_clip's layer groups (`--lock-image-unlocked-groups`; `lock_image_tower`). BatchNorm
+            statistics of the frozen part stay fixed either way (`--lock-image-freeze-bn-stats`).
         image_size: the side in pixels the image tower runs at (`DualEncoder.image_size`, at which the
             datasets are built); `None`: the offline backbone's ImageNet size, else the architecture's.
         head, head_hidden: the new projection heads of the pretrained towers: "linear" or "mlp" with
             this hidden width (`make_head`).
         embed_dim: the shared dimension `D`; `None` keeps the architecture's.
         init_logit_scale, init_logit_scale_soft: initial log-temperatures.
+        load_weights: False builds an online `pretrained_image`'s structure without its weights (nothing
+            downloads), for a checkpoint to fill; offline backbones load their packaged weights anyway.
     """
     register_model_configs()
     if name not in open_clip.list_models():
@@ -254,26 +286,32 @@ def create_model(name: str, pretrained_text: str | None = None, *, freeze_text: 
         raise ValueError("freeze_text=True needs pretrained_text (a randomly initialised tower would stay random)")
     offline = pretrained_image in IMAGE_TOWERS
     tags = open_clip.list_pretrained_tags_by_model(name)
-    if pretrained_image not in (None, "timm", *IMAGE_TOWERS, *tags) and not Path(pretrained_image).is_file():
+    # Without load_weights a weights file need not exist any more: a checkpoint holds the weights.
+    known = pretrained_image in (None, "timm", *IMAGE_TOWERS, *tags) or not load_weights
+    if not known and not Path(pretrained_image).is_file():
         raise ValueError(f"unknown pretrained_image {pretrained_image!r}; offline towers: {sorted(IMAGE_TOWERS)}, "
                          f"or (online) 'timm' or an open_clip tag of {name!r}: {tags}")
-    if (freeze_image or trainable_blocks) and not offline:
+    if (freeze_image or trainable_blocks) and pretrained_image is None:  # a random tower would stay random
         raise ValueError(f"freeze_image / trainable_blocks need an offline pretrained_image, one of "
-                         f"{sorted(IMAGE_TOWERS)}")
+                         f"{sorted(IMAGE_TOWERS)}, or open_clip image weights (a tag of {name!r}, a file, 'timm')")
+    if trainable_blocks and not freeze_image:
+        raise ValueError("trainable_blocks needs freeze_image=True (without it every block trains)")
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
     if head != "linear" and not (offline or pretrained_text):
         raise ValueError(f"head={head!r} needs a pretrained tower (pretrained_text or an offline "
                          "pretrained_image): the open_clip towers keep their own projections")
-    tag = None if pretrained_image in (None, "timm", *IMAGE_TOWERS) else pretrained_image
+    tag = None if pretrained_image in (None, "timm", *IMAGE_TOWERS) or not load_weights else pretrained_image
     overrides = {} if embed_dim is None else {"embed_dim": embed_dim}
     # pretrained_text=False: open_clip's HF text configs would otherwise download their weights.
-    clip = open_clip.create_model(name, pretrained=tag, force_custom_text=True, pretrained_text=False,
-                                  pretrained_image=pretrained_image == "timm",
-                                  force_image_size=None if offline else image_size, **overrides)
+    with _open_clip_quietly(random_towers=tag is None):
+        clip = open_clip.create_model(name, pretrained=tag, force_custom_text=True, pretrained_text=False,
+                                      pretrained_image=pretrained_image == "timm" and load_weights,
+                                      force_image_size=None if offline else image_size, **overrides)
     cfg = {**open_clip.get_model_config(name), **overrides}
     if pretrained_text is None:
-        text, tokenizer = clip.text, open_clip.get_tokenizer(name)
+        with _open_clip_quietly():
+            text, tokenizer = clip.text, open_clip.get_tokenizer(name)
     else:
         text = SentenceEncoderText(pretrained_text, cfg["embed_dim"], freeze=freeze_text, head=head,
                                    head_hidden=head_hidden)
@@ -284,8 +322,24 @@ def create_model(name: str, pretrained_text: str | None = None, *, freeze_text: 
         size = image_size or backbone.native_image_size
     else:
         visual, size = clip.visual, image_size or cfg["vision_cfg"].get("image_size", 224)
+        if freeze_image:
+            lock_image_tower(visual, trainable_blocks)
     return DualEncoder(visual, text, tokenizer, size if isinstance(size, int) else size[0],
                        init_logit_scale, init_logit_scale_soft)
+
+
+def lock_image_tower(visual: nn.Module, unlocked_groups: int = 0) -> None:
+    """Freeze an open_clip image tower but its last `unlocked_groups` layer groups (open_clip's `lock()`,
+    LiT), in place. Its BatchNorm layers become `FrozenBatchNorm2d`: a frozen tower keeps its
+    statistics, as pdclip's offline backbones do (open_clip_train's `--lock-image-freeze-bn-stats`).
+
+    Raises:
+        ValueError: the tower cannot unlock groups (open_clip's ModifiedResNet locks only whole).
+    """
+    try:
+        visual.lock(unlocked_groups=unlocked_groups, freeze_bn_stats=True)
+    except AssertionError as e:  # open_clip's towers assert what they cannot do
+        raise ValueError(f"trainable_blocks={unlocked_groups} with {type(visual).__name__}: {e}") from e
 
 
 def model_from_config(cfg: TrainConfig, weights: bool = True) -> DualEncoder:
@@ -295,9 +349,8 @@ def model_from_config(cfg: TrainConfig, weights: bool = True) -> DualEncoder:
         weights: load pretrained weights; `False` builds the same structure only, for a checkpoint's
             state dict to fill (an online `pretrained_image` tag is then not downloaded).
     """
-    offline = cfg.pretrained_image in IMAGE_TOWERS
     model = create_model(cfg.model, cfg.pretrained_text, freeze_text=cfg.freeze_text,
-                         pretrained_image=cfg.pretrained_image if weights or offline else None,
+                         pretrained_image=cfg.pretrained_image, load_weights=weights,
                          freeze_image=cfg.freeze_image, trainable_blocks=cfg.trainable_blocks,
                          image_size=cfg.image_size, head=cfg.head, head_hidden=cfg.head_hidden,
                          embed_dim=cfg.embed_dim, init_logit_scale=cfg.init_logit_scale,

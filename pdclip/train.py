@@ -9,26 +9,33 @@ what every method shares: warm-up + cosine lr, AMP on a GPU, gradient clipping, 
 (`pdclip.teacher`: EMA for KD / OTTER, EMA or snapshot for PSD), per-step metrics
 (`<out>/metrics.jsonl`), snapshots of a fixed probe batch's logits and
 targets (`<out>/snapshots/step_XXXXXX.pt`, for the visualisation notebook), an evaluation hook
-(`<out>/eval.jsonl`) and checkpoints that resume exactly (`<out>/checkpoint.pt`).
+(`<out>/eval.jsonl`), a log (`<out>/train.log`; `--report-to tensorboard` too) and checkpoints that
+resume exactly (`<out>/checkpoint_XXXXXX.pt`, `--resume latest|PATH`; see `pdclip.checkpoint`).
+`python -m pdclip.train --help` lists every option.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
+import traceback
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pdclip.checkpoint import RunFiles, load_checkpoint, read_checkpoint, rng_state, set_rng_state
-from pdclip.config import TrainConfig, parse_cli
-from pdclip.data import build_dataset
+from pdclip.config import TrainConfig, cli_help, parse_cli
+from pdclip.data import SHARD_SOURCES, build_dataset, split_kwargs
 from pdclip.data.sampling import make_batches, probe_batch
+from pdclip.data.shards import require_shards
 from pdclip.distributed import gather_features, world
 from pdclip.features import CachedFeatures, HeadsOnly, cpu_threads
 from pdclip.methods import MethodOutput, method_loss
@@ -38,7 +45,9 @@ from pdclip.schedules import lr_at, psd_alpha
 from pdclip.teacher import make_teacher
 from pdclip.towers import ImageBackbone
 
+log = logging.getLogger("pdclip.train")  # not __name__: under `python -m` that is "__main__", outside pdclip's loggers
 EvalFn = Callable[[DualEncoder, int], dict[str, float]]
+SCALES = ("logit_scale", "logit_scale_soft")  # the student's multipliers in its forward's outputs
 __all__ = ["fit", "load_checkpoint", "Trainer", "NonFiniteLossError", "main"]
 
 
@@ -53,6 +62,7 @@ class Trainer:
         self.cfg, self.eval_fn = cfg, eval_fn
         self.rank, self.world_size = world()
         self.device = pick_device(cfg.device)
+        self.amp_dtype = autocast_dtype(cfg.precision, self.device)  # checked before the slow model / data
         if self.device.type == "cuda":  # TF32 for the fp32 matmuls and convolutions left outside autocast
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         self.files = RunFiles(Path(cfg.out), cfg, is_main=self.rank == 0)
@@ -60,13 +70,12 @@ class Trainer:
         self.model = model_from_config(cfg).to(self.device)
         self.dataset = self.train_data()
         self.optimizer = make_optimizer(self.model, cfg)
-        self.amp_dtype = autocast_dtype(cfg.precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.teacher = make_teacher(self.model, cfg.loss)  # EMA / snapshot copy, or None
         self.generator = torch.Generator().manual_seed(cfg.seed)  # PSD's subsets: the same on every rank
-        self.step, self.saved_step = 0, None
-        if cfg.resume:
-            self.restore(read_checkpoint(self.files.checkpoint))
+        self.step, self.saved_step, self.shard_state = 0, None, None
+        if self.files.resume_from is not None:  # --resume latest | PATH, resolved by RunFiles
+            self.restore(read_checkpoint(self.files.resume_from))
         self.files.start(self.step)
         # With the feature cache, student and teacher take backbone features: only their heads run.
         self.student = HeadsOnly(self.model) if cfg.feature_cache else self.model
@@ -77,26 +86,90 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = DistributedDataParallel(self.student, device_ids=ids)
         self.batches = make_batches(self.dataset, cfg.batch_size, cfg.seed, cfg.num_workers,
-                                    self.rank, self.world_size, self.step)
+                                    self.rank, self.world_size, self.step, self.shard_state)
         self.probe = (probe_batch(self.dataset, cfg.snapshot_size, cfg.seed, self.rank, self.world_size)
                       if cfg.snapshot_every else None)
 
     def forward_loss(self, net: torch.nn.Module, batch: dict, alpha: float, generator: torch.Generator) -> tuple[MethodOutput, dict]:
         """Teacher (if any) and student forward, then the method's loss on the global batch."""
         images, tokens = self.inputs(batch)
-        teacher = {}
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            if self.teacher_net is not None:
-                with torch.no_grad():
-                    teacher = {"teacher_image_features": self.teacher_net.encode_image(images).float(),
-                               "teacher_text_features": self.teacher_net.encode_text(tokens).float(),
-                               "teacher_logit_scale": self.teacher_net.scales()[0].float()}
+        teacher = self.teacher_outputs([(images, tokens)])
+        with self.autocast():
             out = net(images, tokens)
+        return self.method_output(out, teacher, batch, images, alpha, generator), out
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    @torch.no_grad()
+    def teacher_outputs(self, chunks: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The teacher network's features of the rank's batch, `(B_local, D)` each, computed chunk by chunk
+        (the micro-batches of `accumulate_gradients`), and its multiplier; `{}` for methods without one."""
+        if self.teacher_net is None:
+            return {}
+        with self.autocast():
+            image = torch.cat([self.teacher_net.encode_image(images) for images, _ in chunks])
+            text = torch.cat([self.teacher_net.encode_text(tokens) for _, tokens in chunks])
+            scale = self.teacher_net.scales()[0]
+        return {"teacher_image_features": image.float(), "teacher_text_features": text.float(),
+                "teacher_logit_scale": scale.float()}
+
+    def method_output(self, out: dict, teacher: dict, batch: dict, images: torch.Tensor, alpha: float,
+                      generator: torch.Generator) -> MethodOutput:
+        """`method_loss` on the student's outputs `out` (features `(B_local, D)`, scales) for `batch`."""
         # Targets (softmax, Sinkhorn) run in float32 whatever the autocast dtype.
-        result = method_loss(self.cfg.loss, out["image_features"].float(), out["text_features"].float(),
-                             out["logit_scale"].float(), logit_scale_soft=out["logit_scale_soft"].float(),
-                             alpha=alpha, generator=generator, **teacher, **self.positive_keys(batch, images))
+        return method_loss(self.cfg.loss, out["image_features"].float(), out["text_features"].float(),
+                           out["logit_scale"].float(), logit_scale_soft=out["logit_scale_soft"].float(),
+                           alpha=alpha, generator=generator, **teacher, **self.positive_keys(batch, images))
+
+    def accumulate_gradients(self, batch: dict, alpha: float) -> tuple[MethodOutput, dict]:
+        """Forward and backward of the whole rank's batch in `cfg.accum_freq` micro-batches, leaving in
+        `.grad` the gradient of the method's loss on the whole (global) batch; returns its loss and outputs.
+
+        With `accum_freq = k > 1` this is open_clip's feature caching: a no-grad forward of every
+        micro-batch caches its features `(B_local / k, D)` (and the teacher's); then for each micro-batch
+        `j` a forward with grad, whose features replace slot `j` of the cache, the loss over the whole
+        batch, and a backward. Only slot `j` carries grad, so the `k` backwards add up to the one
+        backward of the big batch: the same targets (the same PSD subset: the generator is rewound
+        each time), the same loss, the same gradient. The temperatures, which every micro-step uses
+        with grad, keep it in the last micro-step only (open_clip counts their gradient `k` times).
+        This needs towers whose forward does not depend on the micro-batch: BatchNorm normalises
+        with the micro-batch's statistics, and dropout draws other masks in the two forwards.
+        """
+        k = self.cfg.accum_freq
+        images, tokens = self.inputs(batch)
+        if len(images) < k:
+            raise ValueError(f"accum_freq={k} needs at least {k} pairs per rank, got {len(images)}")
+        chunks = list(zip(images.tensor_split(k), tokens.tensor_split(k), strict=True))
+        teacher = self.teacher_outputs(chunks)
+        keys = ("image_features", "text_features")
+        cached = None
+        if k > 1:
+            with torch.no_grad(), self.autocast():
+                cached = [self.student(*chunk) for chunk in chunks]
+        start = self.generator.get_state()
+        for j, chunk in enumerate(chunks):
+            last = j == k - 1
+            self.generator.set_state(start)  # PSD's subset: the same in every micro-step
+            # Under DDP, gradients are averaged over the ranks once, in the last micro-step's backward.
+            sync = nullcontext() if last or not isinstance(self.net, DistributedDataParallel) else self.net.no_sync()
+            with sync:
+                with self.autocast():
+                    fresh = self.net(*chunk)
+                out = {**fresh, **({} if last else {name: fresh[name].detach() for name in SCALES})}
+                if cached is not None:
+                    out.update({key: torch.cat([c[key] for c in cached[:j]] + [fresh[key]] +
+                                               [c[key] for c in cached[j + 1:]]) for key in keys})
+                result = self.method_output(out, teacher, batch, images, alpha, self.generator)
+                self.check_finite(result.loss)
+                self.scaler.scale(result.loss).backward()
         return result, out
+
+    def check_finite(self, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss):
+            kept = f"{self.files.checkpoint} (step {self.saved_step})" if self.saved_step else "no checkpoint yet"
+            raise NonFiniteLossError(f"loss is {loss.item()} at step {self.step + 1}; stopped before the update. "
+                                     f"Last good checkpoint: {kept}. Try a lower --lr, --precision=fp32 or check the data.")
 
     def positive_keys(self, batch: dict, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """The multi-positive keys of this rank's batch (`pdclip.positives`), when the method uses them:
@@ -111,11 +184,12 @@ class Trainer:
         """The training split, or with `cfg.feature_cache` its backbone features (extracted on first use;
         under DDP rank 0 extracts while the other ranks wait, then they read its files)."""
         cfg = self.cfg
+        kwargs = split_kwargs(cfg.dataset, "train", cfg.data_kwargs, cfg.train_data)
         if not cfg.feature_cache:
-            return build_dataset(cfg.dataset, "train", **{"image_size": self.model.image_size, **cfg.data_kwargs})
+            return build_dataset(cfg.dataset, "train", **{"image_size": self.model.image_size, **kwargs})
         if self.rank > 0:
             dist.barrier()
-        features = CachedFeatures(self.model, cfg.dataset, "train", cfg.data_kwargs, views=cfg.feature_views,
+        features = CachedFeatures(self.model, cfg.dataset, "train", kwargs, views=cfg.feature_views,
                                   root=cfg.feature_cache_dir)
         if self.rank == 0 and self.world_size > 1:
             dist.barrier()
@@ -139,13 +213,8 @@ class Trainer:
         alpha = self.alpha(step)
         if self.teacher is not None:
             self.teacher.update(self.model)  # before the student's forward (OTTER's order)
-        result, out = self.forward_loss(self.net, batch, alpha, self.generator)
-        if not torch.isfinite(result.loss):
-            kept = f"{self.files.checkpoint} (step {self.saved_step})" if self.saved_step else "no checkpoint yet"
-            raise NonFiniteLossError(f"loss is {result.loss.item()} at step {step + 1}; stopped before the update. "
-                                     f"Last good checkpoint: {kept}. Try a lower --lr, --precision=fp32 or check the data.")
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(result.loss).backward()
+        result, out = self.accumulate_gradients(batch, alpha)
         if cfg.grad_clip:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
@@ -183,7 +252,9 @@ class Trainer:
         model, frozen = trainable_state(self.model)  # frozen backbones: their hash, not their ~110 MB
         return {"step": self.step, "config": self.cfg.to_dict(), "model": model, "frozen": frozen,
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                "teacher": self.teacher.state_dict() if self.teacher else {}, "rng": rng_state(self.generator)}
+                "teacher": self.teacher.state_dict() if self.teacher else {}, "rng": rng_state(self.generator),
+                # A shard stream's position (epoch, batches consumed); map-style orders follow from `step`.
+                **({"data": self.batches.state()} if hasattr(self.batches, "state") else {})}
 
     def restore(self, ckpt: dict) -> None:
         self.files.check_resumable(ckpt["config"])
@@ -194,6 +265,7 @@ class Trainer:
             self.teacher.load_state_dict(ckpt["teacher"])
         set_rng_state(ckpt["rng"], self.generator)
         self.step = self.saved_step = ckpt["step"]
+        self.shard_state = ckpt.get("data")
 
     def save(self) -> None:
         if self.rank == 0:
@@ -224,6 +296,7 @@ class Trainer:
             if self.due(cfg.save_every) or self.step == cfg.steps:
                 self.save()
         bar.close()
+        log.info("run %s: finished at step %d, last record %s", self.files.out, self.step, record)
         return {"out": str(self.files.out), "step": self.step, "last": record, "eval": results,
                 "checkpoint": str(self.files.checkpoint), "metrics": str(self.files.metrics)}
 
@@ -245,13 +318,25 @@ def init_distributed() -> bool:
 
 
 def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+    """`--device`: "auto" is the GPU of LOCAL_RANK when one is visible, else the CPU; a GPU asked for
+    but not visible is a ValueError naming the option (not CUDA's driver traceback)."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local_rank)
+            return torch.device("cuda", local_rank)
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {name}: torch sees no CUDA GPU here; use --device auto or --device cpu")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {name}: torch sees {count} GPU(s), cuda:0 to cuda:{count - 1}")
+    return device
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -261,7 +346,8 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         # Native bf16 only (compute capability >= 8): a T4 "supports" it by emulation, slowly.
         precision = "fp32" if not cuda else "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     if precision == "fp16" and device.type != "cuda":
-        raise ValueError("precision fp16 needs a CUDA device; use fp32 (or bf16) on a CPU")
+        raise ValueError(f"--precision fp16 needs a CUDA GPU (the device is {device}); use --precision fp32 "
+                         "(or bf16) on a CPU, or --precision auto")
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
@@ -307,21 +393,34 @@ def fit(cfg: TrainConfig, eval_fn: EvalFn | None = None) -> dict:
         with cpu_threads(1 if cfg.feature_cache and trainer.device.type == "cpu" else None):
             return trainer.run()
     finally:
+        RunFiles.close_started()  # train.log and TensorBoard, also when setup failed
         if created:
             dist.destroy_process_group()
 
 
-def default_eval_fn(cfg: TrainConfig) -> EvalFn:
-    """The CLI's periodic evaluation: `pdclip.evaluate` on the dataset's val split, no linear probe."""
+def default_eval_fn(cfg: TrainConfig) -> EvalFn | None:
+    """The CLI's periodic evaluation: `pdclip.evaluate` on the dataset's val split, no linear probe.
+
+    Shard sources have no val split of their own: it is `cfg.val_data` (checked to exist now, before
+    training); without it there is no evaluation (None, and a message): the training shards are never
+    scored as "val".
+    """
     from pdclip.evaluate import evaluate_model  # only the CLI needs it
 
+    try:
+        kwargs = split_kwargs(cfg.dataset, "val", cfg.data_kwargs, cfg.train_data, cfg.val_data)
+    except ValueError as e:
+        print(f"evaluation skipped: {e}")
+        return None
+    if cfg.dataset in SHARD_SOURCES:
+        require_shards(kwargs["urls"], how="fix --val-data")
     cache = {}
 
     def evaluate(model: DualEncoder, step: int) -> dict[str, float]:
         if not cache and cfg.feature_cache:  # the val split's backbone features, extracted on first use
-            cache["val"] = CachedFeatures(model, cfg.dataset, "val", cfg.data_kwargs, root=cfg.feature_cache_dir)
+            cache["val"] = CachedFeatures(model, cfg.dataset, "val", kwargs, root=cfg.feature_cache_dir)
         elif not cache:  # built on first use, at the model's image size
-            cache["val"] = build_dataset(cfg.dataset, "val", **{"image_size": model.image_size, **cfg.data_kwargs})
+            cache["val"] = build_dataset(cfg.dataset, "val", **{"image_size": model.image_size, **kwargs})
         device = next(model.parameters()).device
         encoder = HeadsOnly(model, cache.values()) if cfg.feature_cache else model
         return evaluate_model(encoder, cache, device=device, max_samples=cfg.eval_max_samples, linear_probe=False)
@@ -330,11 +429,33 @@ def default_eval_fn(cfg: TrainConfig) -> EvalFn:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """The CLI. `-h` / `--help` lists every option; a bad option or input file (a config, a checkpoint,
+    a device, the data) is one line `error: ...` and exit status 2, as argparse does. Errors inside the
+    training loop keep their traceback: they are not the command line's fault."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(cli_help())
+        raise SystemExit(0)
+    pdclip_log = logging.getLogger("pdclip")
+    level = pdclip_log.level
+    pdclip_log.setLevel(logging.INFO)  # e.g. the data reader's "kept" lines, on the console and in train.log
+    console = [pdclip_log] if int(os.environ.get("RANK", "0")) == 0 else []  # one rank talks, under torchrun
     try:
-        cfg = parse_cli(sys.argv[1:] if argv is None else argv)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
-    return fit(cfg, default_eval_fn(cfg) if cfg.eval_every else None)
+        with logging_redirect_tqdm(loggers=console):  # log lines above the progress bar, not through it
+            cfg = parse_cli(argv)
+            return fit(cfg, default_eval_fn(cfg) if cfg.eval_every else None)
+    except (ValueError, OSError, ImportError) as e:
+        if _in_training_loop(e):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    finally:  # main() may be called in-process (tests, notebooks): leave logging as it was
+        pdclip_log.setLevel(level)
+
+
+def _in_training_loop(error: BaseException) -> bool:
+    """Whether `error` was raised inside `Trainer.run` (after setup: a bug or a failure mid-run)."""
+    return any(frame.f_code is Trainer.run.__code__ for frame, _ in traceback.walk_tb(error.__traceback__))
 
 
 if __name__ == "__main__":

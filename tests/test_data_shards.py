@@ -1,4 +1,5 @@
-"""pdclip.data.shards: brace URLs, write -> read round trip, skip-and-count, unsafe names, HF route."""
+"""pdclip.data.shards: brace URLs, write -> read round trip, skip-and-count, unsafe names, HF route
+(data order, readers and resume on img2dataset-layout shards: tests/test_shards_order.py)."""
 
 import io
 import json
@@ -10,7 +11,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from pdclip.data import build_dataset, collate
-from pdclip.data.shards import expand_urls, is_safe, stream_from_hub, write_shards
+from pdclip.data.shards import expand_urls, is_safe, write_shards
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +113,6 @@ def test_write_shards_rejects_bad_arguments(tmp_path):
 
 def test_hugging_face_route_reads_local_tars(source, shard_dir):
     files = str(shard_dir / "shard-{00000..00002}.tar")
-    samples = list(stream_from_hub(files, split="test", image_size=32, subset=12))
+    samples = list(build_dataset("hf", "test", urls=files, image_size=32, subset=12))
     assert [s["text"] for s in samples] == source.texts[:12]
     assert torch.equal(samples[5]["image"], source[5]["image"]) and samples[5]["label"] == int(source.labels[5])

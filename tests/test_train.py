@@ -96,7 +96,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_bad_options_name_the_option(tmp_path):
+def test_bad_options_name_the_option(tmp_path, capsys):
     with pytest.raises(ValueError, match="unknown option --stpes"):
         parse_cli(["--stpes=3"])
     with pytest.raises(ValueError, match="--steps expects int"):
@@ -105,8 +105,9 @@ def test_bad_options_name_the_option(tmp_path):
         parse_cli(["--method=simclr"])
     with pytest.raises(ValueError, match="optimizer"):
         parse_cli(["--optimizer=adam"])
-    with pytest.raises(SystemExit, match="unknown option --lr_max"):
+    with pytest.raises(SystemExit) as exit_:  # argparse's convention: status 2, one line on stderr
         main(["--lr_max=1", f"--out={tmp_path}"])
+    assert exit_.value.code == 2 and "error: unknown option --lr_max" in capsys.readouterr().err
 
 
 def test_cli_overrides_and_shipped_configs():

@@ -40,3 +40,29 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     s1, s2 = (torch.load(tmp_path / name / "snapshots" / "step_000004.pt", weights_only=True) for name in ("one", "two"))
     assert torch.equal(s1["index"], s2["index"])
     torch.testing.assert_close(s2["targets_i2t"], s1["targets_i2t"], rtol=1e-3, atol=1e-4)
+
+
+def torchrun(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pdclip.train",
+           *args]
+    return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.slow
+def test_two_ranks_on_uneven_shards_agree_on_epochs_and_fail_fast_without_shards(tmp_path):
+    from pdclip.data import build_dataset
+    from pdclip.data.shards import write_shards
+
+    # 28 pairs as shards of 8, 8, 8 and 4: whichever rank holds the short one runs out after 3 batches of 4,
+    # and then both ranks start the next epoch (a rank going on alone would desynchronise the global batch).
+    write_shards(build_dataset("synthetic", "train", n_train=28, image_size=32, augment=False), tmp_path, 8)
+    common = ["--dataset=shards", "--image_size=32", "--batch_size=8", "--warmup_steps=1", "--snapshot_every=0",
+              "--progress=false"]
+    proc = torchrun([*common, f"--train_data={tmp_path}/shard-{{00000..00003}}.tar", "--steps=7", "--save_every=7",
+                     f"--out={tmp_path / 'run'}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_checkpoint(tmp_path / "run")["data"] == {"epoch": 2, "batch": 1, "num_workers": 0, "world_size": 2}
+    proc = torchrun([*common, f"--train_data={tmp_path}/shard-00000.tar", "--steps=2", f"--out={tmp_path / 'one'}"],
+                    timeout=120)
+    assert proc.returncode != 0 and "1 shard(s) for 2 readers (2 rank(s) x 1 worker(s))" in proc.stderr

@@ -3,7 +3,9 @@
 A shard is a `.tar` of samples `{key}.jpg|png`, `{key}.txt` (the caption) and `{key}.json` (url,
 caption, key, status, width, height, ...). `ShardDataset` reads local paths or URLs with brace notation
 (`cc3m-{00000..00331}.tar`); `write_shards` turns any source into shards, so tests and the offline demo
-use the same loader as CC3M; `stream_from_hub` is the Hugging Face `datasets` route for online users.
+use the same loader as CC3M; `HubShards` (`build_dataset("hf", ...)`) reads each shard through Hugging
+Face `datasets` instead, for online users. Training order: see `ShardDataset` and
+`pdclip.data.sampling.ShardBatches` (every epoch reshuffled, ranks agree, resumes exactly).
 
 Why plain `tarfile` and not webdataset 1.0.2: skip-and-count needs to see every member, and webdataset's
 handlers either raise or drop bad samples silently; its defaults changed between releases (0.2.90 broke
@@ -27,10 +29,11 @@ from itertools import chain, count, islice
 from pathlib import Path, PurePosixPath
 
 from PIL import Image
-from torch import distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
+from pdclip.data.sampling import AUGMENTATION, SHARD_ORDER, SHUFFLE_BUFFER, mixed_seed, seeded_torch
 from pdclip.data.transforms import split_transform, to_uint8
+from pdclip.distributed import world
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -164,13 +167,24 @@ def decode_sample(raw: dict[str, bytes], stats: Counter) -> tuple[Image.Image, s
 class ShardDataset(IterableDataset):
     """Image–caption samples from img2dataset-layout shards; bad samples are skipped and counted.
 
+    The stream of an epoch is a function of `(seed, epoch, reader)` only, where the readers are the
+    `ranks x DataLoader workers` (`world()` is read when the dataset is built): "train" shuffles the
+    shard order by `(seed, epoch)`, deals the shards out to the readers, shuffles each reader's samples
+    in a buffer seeded by `(seed, epoch, reader)` and seeds each augmentation by its position, so a
+    resumed run re-creates it exactly. Call `set_epoch(e)` before iterating (the training loop does);
+    iterating twice without it gives the same order.
+
     Args:
-        urls: a path/URL with brace notation, or a list of them.
-        split: "train" (random shift; shard order shuffled each epoch, no sample buffer) or "val"/"test".
+        urls: a path/URL with brace notation, or a list of them; local files must all exist and be
+            complete (`require_shards`), checked here, before anything trains.
+        split: "train" (shuffled, augmented) or "val"/"test" (listed order, plain).
         image_size: output side in pixels.
-        subset: stop after this many good samples in all (shared out over ranks and workers), or None.
-        seed: seeds the shard order of "train".
+        subset: keep the first `subset` good samples of the listed shards (the same ones every epoch),
+            dealt out sample by sample, so any number of readers gets exactly `subset` in all; each
+            reader decodes the whole subset to find its share (meant for small runs).
+        seed: seeds the shard order, the shuffle buffer and the augmentation of "train".
         augment: random shifts on the images; default only for "train".
+        shuffle_buffer: "train" only: samples each reader holds (raw bytes) to shuffle within; 0 off.
 
     Attributes:
         stats: `Counter` of "ok" and each of `SKIP_REASONS` over the last pass (in this process;
@@ -178,68 +192,122 @@ class ShardDataset(IterableDataset):
     """
 
     def __init__(self, urls: str | list[str], split: str = "train", image_size: int = 64,
-                 subset: int | None = None, seed: int = 0, augment: bool | None = None) -> None:
+                 subset: int | None = None, seed: int = 0, augment: bool | None = None,
+                 shuffle_buffer: int = 1000) -> None:
         if split not in ("train", "val", "test"):
             raise ValueError(f"shards split must be train, val or test, got {split!r}")
-        self.urls = expand_urls(urls)
+        self.urls = require_shards(urls)
         if not self.urls:
             raise ValueError("no shard URLs given")
         if subset is not None and subset < 1:
             raise ValueError(f"subset must be a positive number of samples, got {subset}")
+        if shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
         self.split, self.subset, self.seed, self.epoch = split, subset, seed, 0
+        self.shuffle_buffer = shuffle_buffer if split == "train" else 0
         self.transform = split_transform(image_size, split, augment)
+        self.rank, self.world_size = world()
         self.stats: Counter = Counter()
 
     def set_epoch(self, epoch: int) -> None:
-        """Pick the shard order of an epoch (needed with DataLoader workers, which iterate copies)."""
+        """Read epoch `epoch`'s order next (DataLoader workers copy the dataset when an iterator starts)."""
         self.epoch = epoch
 
-    def _my_share(self) -> tuple[list[str], int, int]:
-        """This reader's shards and its slot among `rank x worker` readers, and the number of slots.
+    def check_readers(self, num_workers: int) -> None:
+        """Raise (one line) if some of the `ranks x num_workers` readers would get no shard."""
+        readers = self.world_size * max(num_workers, 1)
+        if self.subset is None and len(self.urls) < readers:
+            raise ValueError(f"shards: {len(self.urls)} shard(s) for {readers} readers ({self.world_size} rank(s) x "
+                             f"{max(num_workers, 1)} worker(s)); each reader needs a shard: use at most "
+                             f"{len(self.urls)} workers x ranks, more shards, or a subset")
 
-        Shards, not samples, are spread: with fewer shards than slots some readers stay idle.
-        """
-        urls = list(self.urls)
-        if self.split == "train":
-            random.Random(self.seed + self.epoch).shuffle(urls)
+    def _reader(self) -> tuple[int, int]:
+        """This reader's number among the `ranks x workers` readers, and their count."""
         info = get_worker_info()
         wid, workers = (info.id, info.num_workers) if info else (0, 1)
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        slot, slots = rank * workers + wid, world * workers
-        return urls[slot::slots], slot, slots
+        return self.rank * workers + wid, self.world_size * workers
 
-    def _decoded(self, urls: list[str]) -> Iterator[tuple[Image.Image, str, dict]]:
-        """Every good sample of `urls` in order; bad ones are counted in `self.stats`."""
+    def _raw(self, urls: list[str]) -> Iterator[dict[str, bytes]]:
+        """The raw samples of `urls` in order (unsafe members are counted in `self.stats`)."""
         for url in urls:
             with open_shard(url) as stream:
-                for raw in iter_samples(stream, self.stats):
-                    decoded = decode_sample(raw, self.stats)
-                    if decoded is not None:
-                        yield decoded
+                yield from iter_samples(stream, self.stats)
 
-    def shard_samples(self, url: str) -> Iterator[dict]:
-        """The good samples of one shard in order, transformed, with no rank / worker split and no
-        subset: what `pdclip.features.shard_features` extracts, shard by shard."""
-        for image, text, meta in self._decoded([url]):
-            yield {"image": self.transform(image), "text": text,
-                   **({"label": meta["label"]} if isinstance(meta.get("label"), int) else {})}
+    def _decoded(self, urls: list[str]) -> Iterator[tuple[dict[str, bytes], Image.Image, str, dict]]:
+        """Every good sample of `urls` in order, with its raw bytes; bad ones are counted in `self.stats`."""
+        for raw in self._raw(urls):
+            decoded = decode_sample(raw, self.stats)
+            if decoded is not None:
+                yield raw, *decoded
+
+    def _my_raw(self, epoch: int, reader: int, readers: int) -> Iterator[dict[str, bytes]]:
+        """This reader's raw samples of `epoch`, before the shuffle buffer."""
+        if self.subset is not None:  # sample by sample: exact whatever the number of readers
+            good = islice(self._decoded(self.urls), self.subset)
+            return (raw for n, (raw, *_) in enumerate(good) if n % readers == reader)
+        urls = list(self.urls)
+        if self.split == "train":
+            random.Random(mixed_seed(self.seed, epoch, SHARD_ORDER)).shuffle(urls)
+        if len(urls) < readers:
+            raise ValueError(f"shards: reader {reader} of {readers} has no shard ({len(urls)} shard(s)); "
+                             "use fewer workers x ranks")
+        return self._raw(urls[reader::readers])
+
+    def stream(self, epoch: int) -> Iterator[dict]:
+        """This reader's samples of `epoch`: `{"image", "text", "index", "key"(, "label")}`; `index`
+        is unique within the epoch over all readers."""
+        reader, readers = self._reader()
+        self.stats = Counter()
+        raws = self._my_raw(epoch, reader, readers)
+        if self.shuffle_buffer:
+            raws = shuffled(raws, self.shuffle_buffer, random.Random(mixed_seed(self.seed, epoch, SHUFFLE_BUFFER, reader)))
+        counts = self.stats if self.subset is None else Counter()  # a subset's samples were counted once
+        n = 0
+        for raw in raws:
+            with seeded_torch(mixed_seed(self.seed, epoch, AUGMENTATION, reader, n)):
+                sample = self.sample(raw, counts)
+            if sample is None:
+                continue
+            self.stats["ok"] += 1
+            yield {**sample, "index": n * readers + reader, "key": raw["__key__"]}
+            n += 1
+        self.report()
 
     def __iter__(self) -> Iterator[dict]:
-        urls, slot, slots = self._my_share()
-        self.stats, self.epoch = Counter(), self.epoch + 1
-        limit = None if self.subset is None else self.subset // slots + (slot < self.subset % slots)
-        for image, text, meta in islice(self._decoded(urls), limit):
-            sample = {"image": self.transform(image), "text": text, "index": self.stats["ok"] * slots + slot}
-            if isinstance(meta.get("label"), int):
-                sample["label"] = meta["label"]
-            self.stats["ok"] += 1
-            yield sample
-        self.report()
+        return self.stream(self.epoch)
+
+    def raw_samples(self, url: str) -> Iterator[dict[str, bytes]]:
+        """One shard's raw samples in order, with no reader split and no subset (feature extraction)."""
+        return self._raw([url])
+
+    def sample(self, raw: dict[str, bytes], stats: Counter) -> dict | None:
+        """A raw sample decoded and transformed, `{"image", "text"(, "label")}`, or None (counted in `stats`)."""
+        decoded = decode_sample(raw, stats)
+        if decoded is None:
+            return None
+        image, text, meta = decoded
+        return {"image": self.transform(image), "text": text,
+                **({"label": meta["label"]} if isinstance(meta.get("label"), int) else {})}
 
     def report(self) -> None:
         """Log the counts of kept and skipped samples (a warning when any were skipped)."""
         skipped = {r: self.stats[r] for r in SKIP_REASONS if self.stats[r]}
         (log.warning if skipped else log.info)("shards: %d samples kept, skipped %s", self.stats["ok"], skipped or "none")
+
+
+def shuffled(items: Iterator, size: int, rng: random.Random) -> Iterator:
+    """`items` in a random order through a buffer of `size`: each new item takes the place of a random
+    one, which is yielded (webdataset's shuffle); the last `size` come out in random order."""
+    buffer = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        i = rng.randrange(size)
+        buffer[i], item = item, buffer[i]
+        yield item
+    rng.shuffle(buffer)
+    yield from buffer
 
 
 def write_shards(dataset, out_dir: str | Path, samples_per_shard: int = 1000, prefix: str = "shard",
@@ -294,32 +362,31 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def stream_from_hub(data_files: str | list[str], split: str = "train", image_size: int = 64,
-                    subset: int | None = None) -> Iterator[dict]:
-    """The Hugging Face route: `datasets.load_dataset("webdataset", data_files=..., streaming=True)`.
+class HubShards(ShardDataset):
+    """The Hugging Face route (`build_dataset("hf", ...)`, `--dataset hf`): the same shard stream as
+    `ShardDataset` (order, readers, subset, resume), with each shard read by
+    `datasets.load_dataset("webdataset", data_files=url, streaming=True)`.
 
-    For online users, e.g. `data_files="hf://datasets/pixparse/cc3m-wds/cc3m-train-{0000..0575}.tar"`
-    (brace notation is expanded here); local tars work the same. Rows without an image or with an
-    empty caption are skipped and counted in the log line at the end.
-
-    Yields:
-        Sample dicts like `ShardDataset`'s.
+    For online users, e.g. `urls="hf://datasets/pixparse/cc3m-wds/cc3m-train-{0000..0575}.tar"`
+    (brace notation is expanded here); local tars work the same. Every image column is declared
+    up front and kept as bytes: `datasets` infers columns from a shard's first 5 samples, and raises
+    on (or drops) samples whose image type differs, as in img2dataset shards mixing `.jpg` and `.png`.
+    Decoding and skip-and-count are `ShardDataset`'s.
     """
-    from datasets import load_dataset  # heavy import, only on this route
 
-    stream = load_dataset("webdataset", data_files={split: expand_urls(data_files)}, split=split, streaming=True)
-    transform, stats = split_transform(image_size, split), Counter()
-    for row in stream:
-        image = next((row[e] for e in IMAGE_EXTS if row.get(e) is not None), None)
-        text = (row.get("txt") or "").strip()
-        if image is None or not text:
-            stats["missing_image" if image is None else "empty_caption"] += 1
-            continue
-        sample = {"image": transform(image.convert("RGB")), "text": text, "index": stats["ok"]}
-        if isinstance((row.get("json") or {}).get("label"), int):
-            sample["label"] = row["json"]["label"]
-        yield sample
-        stats["ok"] += 1
-        if subset is not None and stats["ok"] >= subset:
-            break
-    log.info("hub stream: %d samples kept, skipped %s", stats["ok"], {k: v for k, v in stats.items() if k != "ok"})
+    def _raw(self, urls: list[str]) -> Iterator[dict[str, bytes]]:
+        import datasets  # heavy import, only on this route
+
+        features = datasets.Features({"__key__": datasets.Value("string"), "__url__": datasets.Value("string"),
+                                      "txt": datasets.Value("string"), "json": datasets.Json(),
+                                      **{ext: datasets.Image(decode=False) for ext in IMAGE_EXTS}})
+        for url in urls:
+            rows = datasets.load_dataset("webdataset", data_files={"train": [url]}, split="train", streaming=True,
+                                         features=features)
+            for row in rows:
+                raw = {"__key__": row["__key__"], **{e: row[e]["bytes"] for e in IMAGE_EXTS if row.get(e)}}
+                if row.get("txt") is not None:
+                    raw["txt"] = row["txt"].encode()
+                if row.get("json") is not None:
+                    raw["json"] = json.dumps(row["json"]).encode()
+                yield raw
