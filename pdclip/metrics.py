@@ -10,6 +10,7 @@ Taught in the evaluation notebook.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -232,7 +233,10 @@ def linear_probe(
         raise ValueError("linear_probe needs at least two classes in the training split")
 
     def fit(x: np.ndarray, y: np.ndarray, c: float) -> LogisticRegression:
-        return LogisticRegression(C=c, max_iter=max_iter).fit(x, y)
+        with warnings.catch_warnings():  # labels are classes by construction; on a small split (a smoke run)
+            # sklearn's guess that many distinct labels mean a regression target is noise
+            warnings.filterwarnings("ignore", "The number of unique classes is greater than 50%", UserWarning)
+            return LogisticRegression(C=c, max_iter=max_iter).fit(x, y)
 
     val_accs = [fit(xtr, ytr, c).score(xva, yva) for c in Cs]
     best = int(np.argmax(val_accs))

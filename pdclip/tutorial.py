@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     note, over_time = time_verdict(total, args.time_limit, strict) if timed else ("", False)
     print(f"{'total':32s} {total:7.1f} s; largest peak {worst.peak_mb:.0f} MB ({worst.name}), "
           f"margin {margin(worst.peak_mb):.0%}" + note)
-    print(f"rendered course: {render_course(args.out.resolve())}")
+    print(f"rendered course: {render_course(args.out.resolve(), times={r.name: r.seconds for r in runs})}")
     print(f"summary: {write_summary(runs, args.out.resolve(), args.smoke)}")
     return 1 if over_time or not all(r.ok for r in runs) else 0
 

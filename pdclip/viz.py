@@ -33,6 +33,7 @@ def plot_effective_robustness(
     baselines: Sequence[str],
     ax=None,
     title: str = "Effective robustness",
+    chance: float | None = None,
 ):
     """Shifted vs in-distribution accuracy on logit axes, with the baselines' trend line (Taori et al.).
 
@@ -43,6 +44,7 @@ def plot_effective_robustness(
         names: one label per model.
         baselines: the names whose points fix the trend line (at least two distinct accuracies).
         ax: a matplotlib Axes to draw into, or None for a new figure.
+        chance: the accuracy of guessing, on both axes; drawn as dashed lines when given.
 
     Returns:
         The Axes.
@@ -53,11 +55,15 @@ def plot_effective_robustness(
         raise ValueError("id_acc, shift_acc and names must have one entry per model")
     is_base = np.array([n in baselines for n in names])
     slope, intercept = fit_trend(id_acc[is_base], shift_acc[is_base])
-    lo = max(min(id_acc.min(), shift_acc.min()) * 0.7, 1e-3)
+    floor = min(id_acc.min(), shift_acc.min(), chance if chance is not None else 1.0)
+    lo = max(floor * 0.7, 1e-3)
     hi = min(1 - (1 - max(id_acc.max(), shift_acc.max())) * 0.7, 1 - 1e-3)
     grid = 1 / (1 + np.exp(-np.linspace(np.log(lo / (1 - lo)), np.log(hi / (1 - hi)), 100)))
     ax.plot(grid, grid, ls=":", c="0.6", lw=1, label="y = x (no shift penalty)")
     ax.plot(grid, trend_accuracy(grid, slope, intercept), c="0.3", lw=1.5, label="baseline trend")
+    if chance is not None:
+        ax.axvline(chance, ls="--", c="0.5", lw=0.8, label=f"chance ({chance:.1%})")
+        ax.axhline(chance, ls="--", c="0.5", lw=0.8)
     # One colour per model, named in the legend beside the plot: models a point apart stay readable
     # (text labels next to clumped points overlapped each other or the markers).
     for i, (x, y, name, base) in enumerate(zip(id_acc, shift_acc, names, is_base, strict=True)):
@@ -186,6 +192,8 @@ def plot_training_curves(
     logy: bool = False,
     smooth: int = 1,
     ylabel: str | None = None,
+    label: str | None = None,
+    legend: bool = True,
 ):
     """Curves of logged values against `x`; records missing a key are skipped for that curve.
 
@@ -195,6 +203,9 @@ def plot_training_curves(
         ax: a matplotlib Axes, or None for a new figure.
         smooth: a trailing moving average over this many records (per-step losses are noisy).
         ylabel: the y axis' label; None names the one key drawn (and the smoothing), or "value".
+        label: the legend's name for the curve of a single key (e.g. the run's), instead of the key;
+            several runs drawn into one `ax` then share one axis and one legend.
+        legend: draw the legend (off for all but the last of several calls on one `ax`, if wanted).
 
     Returns:
         The Axes.
@@ -206,7 +217,7 @@ def plot_training_curves(
         points = [(r[x], r[key]) for r in records if x in r and isinstance(r.get(key), int | float)]
         if points:
             xs, ys = np.array(points, dtype=float).T
-            ax.plot(xs, moving_average(ys, smooth), label=key)
+            ax.plot(xs, moving_average(ys, smooth), label=label if label is not None and len(keys) == 1 else key)
             drawn += 1
     if not drawn:
         raise ValueError(f"no record has {x!r} and any of {list(keys)}")
@@ -220,5 +231,6 @@ def plot_training_curves(
         ylabel = (keys[0] if len(keys) == 1 else "value") + (f" (mean of {smooth})" if smooth > 1 else "")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    if legend:
+        ax.legend(fontsize=8)
     return ax

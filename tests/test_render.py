@@ -3,6 +3,7 @@ and a real (headless) Chromium shows each page with its figures loaded."""
 
 import base64
 import io
+import re
 import shutil
 from pathlib import Path
 
@@ -43,6 +44,7 @@ def course(tmp_path) -> Path:
         nb = new_notebook(cells=[
             new_markdown_cell(f"# {name} · a lesson\n\nNext: [{other}]({other}.ipynb); "
                               "the equations: [methods](../docs/methods.md)."),
+            new_markdown_cell("## Exercises\n\n<details><summary>Hint 1</summary>\n\nThe secret hint.\n\n</details>"),
             new_code_cell("plt.plot([0, 1])", execution_count=1, outputs=[figure]),
         ])
         nbformat.write(nb, tmp_path / f"{name}.ipynb")
@@ -97,3 +99,73 @@ def test_chromium_shows_every_page_with_its_figures(course, browser):
             loaded = browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image)
             assert loaded and loaded > 0, f"{link}: an image did not load"
         assert "a lesson" in browser.title or "a lesson" in browser.find_element(By.TAG_NAME, "h1").text
+        hint = browser.find_element(By.CSS_SELECTOR, "details p")  # inside its <details>, hidden until clicked
+        assert "secret hint" in hint.get_attribute("textContent") and not hint.is_displayed()
+        assert "secret hint" not in browser.find_element(By.TAG_NAME, "body").text
+        browser.find_element(By.CSS_SELECTOR, "details summary").click()
+        assert hint.is_displayed()
+
+
+# --- What a reader must not see: hints spilled out of their <details>, stderr boxes, bare-integer outputs,
+# absolute paths. The executed notebooks' pages are checked in tests/test_notebooks.py's smoke runs.
+
+NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+@pytest.mark.parametrize("path", sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb")), ids=lambda p: p.stem)
+def test_every_hint_stays_inside_its_details(path):
+    """The committed notebooks' hints are Markdown with blank lines inside `<details>` (as Jupyter, Colab
+    and GitHub show them); each rendered page keeps every hint inside its closed `<details>`."""
+    from pdclip.render import page_problems, render_notebook
+
+    nb = nbformat.read(path, as_version=4)
+    hints = [c.source.count("<details>") for c in nb.cells if c.cell_type == "markdown"]
+    page = render_notebook(path)
+    assert page_problems(page) == []
+    assert page.count("<details>") == sum(hints)
+    for body in re.findall(r"</summary>(.*?)</details>", page, re.DOTALL):
+        assert "<p>" in body or "<pre>" in body, body  # the hint's Markdown is rendered, not shown raw
+
+
+def _executed(tmp_path, outputs) -> Path:
+    cells = [new_markdown_cell("# 00 · t\n\n## Exercises\n\n1. Why?\n\n<details><summary>Hint 1</summary>\n\n"
+                               "Look at `x`; then\n\n```python\na = 1\n\nb = 2\n```\n\n</details>")]
+    cells += [new_code_cell("x", execution_count=k, outputs=[o]) for k, o in enumerate(outputs, 1)]
+    nb = new_notebook(cells=cells, metadata={"pdclip": {"summary": "What `x` is, in one line."}})
+    path = tmp_path / "00_t.ipynb"
+    nbformat.write(nb, path)
+    return path
+
+
+def test_page_problems_finds_stderr_bare_integers_and_spilled_hints(tmp_path):
+    from pdclip.render import page_problems, render_notebook
+
+    clean = _executed(tmp_path, [new_output("execute_result", data={"text/plain": "0.5"}, execution_count=1),
+                                 new_output("stream", name="stdout", text="R@1 0.42 (chance 0.06)\n")])
+    page = render_notebook(clean)
+    assert page_problems(page) == []
+    hint = page[page.index("<details>"):page.index("</details>")]
+    assert "<code>x</code>" in hint and "b</span>" in hint  # rendered Markdown, the code block whole
+    noisy = _executed(tmp_path, [new_output("execute_result", data={"text/plain": "217"}, execution_count=1),
+                                 new_output("stream", name="stderr", text="WARNING:root:No pretrained weights\n")])
+    assert sorted(p.split(":")[0] for p in page_problems(render_notebook(noisy))) == [
+        "a bare integer output", "a stderr box"]
+    spilled = page.replace(hint, "<details><summary>Hint 1</summary>\n")
+    assert page_problems(spilled) == ["hint outside its <details>: 'Hint 1'"]
+
+
+def test_pages_show_no_absolute_paths(tmp_path):
+    from pdclip.render import REPO_ROOT, render_notebook
+
+    text = f"results in {tmp_path}/00_t.json; cache {REPO_ROOT}/.cache/features/a.npy\n"
+    page = render_notebook(_executed(tmp_path, [new_output("stream", name="stdout", text=text)]))
+    assert str(tmp_path) not in page and str(REPO_ROOT) not in page
+    assert "results in ./00_t.json; cache .cache/features/a.npy" in page
+
+
+def test_index_has_a_summary_and_the_time_of_every_notebook(tmp_path):
+    _executed(tmp_path, [])
+    index = render_course(tmp_path, times={"00_t": 75.4}).read_text()
+    assert "What <code>x</code> is, in one line." in index and "(75 s to run here)" in index
+    assert "how long it took to run here. 75 s in all." in index
+    assert "to run here" not in render_course(tmp_path).read_text()  # no times given: none shown

@@ -16,7 +16,7 @@ def fake_course(monkeypatch, tmp_path):
         return RunResult(path.stem, out_dir / path.name, 100.0, ran.get("peak_mb", 500.0), imports_mb=300.0)
 
     monkeypatch.setattr(tutorial, "run_notebook", run_notebook)
-    monkeypatch.setattr(tutorial, "render_course", lambda out: out / "index.html")
+    monkeypatch.setattr(tutorial, "render_course", lambda out, **_: out / "index.html")
     monkeypatch.delenv("CI", raising=False)
     return ran
 

@@ -34,6 +34,14 @@ def test_effective_robustness_plot(tmp_path):
         viz.plot_effective_robustness([0.3, 0.5], [0.2], ["a", "b"], ["a", "b"])
 
 
+def test_effective_robustness_plot_draws_chance_inside_its_axes(tmp_path):
+    ax = viz.plot_effective_robustness([0.3, 0.5, 0.55], [0.15, 0.3, 0.45], ["a", "b", "c"], baselines=["a", "b"],
+                                       chance=0.05)
+    assert len(ax.lines) == 4 and ax.get_xlim()[0] < 0.05  # y = x, the trend, chance on x and on y
+    assert any("chance" in t.get_text() for t in ax.get_legend().get_texts())
+    assert saved(ax.figure, tmp_path / "er_chance.png")
+
+
 def test_matrices_side_by_side(tmp_path):
     logits = torch.randn(6, 6)
     axes = viz.plot_matrices({"logits": logits, "targets": logits.softmax(1), "truth": torch.eye(6, dtype=torch.bool)})
@@ -86,3 +94,13 @@ def test_training_curves_have_a_y_label():
     rows = [{"step": s, "loss": 1.0 / (s + 1)} for s in range(5)]
     assert viz.plot_training_curves(rows, smooth=2).get_ylabel() == "loss (mean of 2)"
     assert viz.plot_training_curves(rows, ylabel="CLIP loss").get_ylabel() == "CLIP loss"
+
+
+def test_training_curves_of_several_runs_share_one_axes(tmp_path):
+    ax = None
+    for k, name in enumerate(("CLIP", "PSD", "OTTER")):
+        records = [{"step": i, "loss": (k + 1) * 2.0 ** -i} for i in range(10)]
+        ax = viz.plot_training_curves(records, ax=ax, label=name, logy=True, legend=name == "OTTER")
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["CLIP", "PSD", "OTTER"]
+    assert ax.get_yscale() == "log" and len(ax.lines) == 3
+    assert saved(ax.figure, tmp_path / "curves.png")
