@@ -17,7 +17,7 @@ from torch import Tensor
 _ROW_SUM_ATOL = 1e-3
 
 
-def check_features(image_features: Tensor, text_features: Tensor) -> None:
+def check_feature_pair(image_features: Tensor, text_features: Tensor) -> None:
     """Raise a ValueError naming the problem unless both are finite `(B, D)` tensors, B >= 2, same dtype."""
     for name, x in (("image_features", image_features), ("text_features", text_features)):
         if x.dim() != 2:
@@ -53,7 +53,7 @@ def check_targets(targets: Tensor, n: int, name: str = "targets") -> None:
 
 def contrastive_logits(image_features: Tensor, text_features: Tensor, logit_scale: Tensor | float) -> Tensor:
     """Image→text logits `s_ij = t <u_i, v_j>`, `(B, B)`; the text→image logits are the transpose."""
-    check_features(image_features, text_features)
+    check_feature_pair(image_features, text_features)
     return logit_scale * image_features @ text_features.T
 
 

@@ -16,7 +16,7 @@ from torch import Tensor
 from pdclip.config import LossConfig
 from pdclip.distributed import gather_features
 from pdclip.losses import (
-    check_features,
+    check_feature_pair,
     symmetric_hard_ce,
     symmetric_identity_soft_rows_ce,
     symmetric_soft_ce,
@@ -90,7 +90,7 @@ def method_loss(
     """
     img = gather_features(image_features, with_grad=True)
     txt = gather_features(text_features, with_grad=True)
-    check_features(img, txt)
+    check_feature_pair(img, txt)
     similarity = img @ txt.T
     logits = logit_scale * similarity
     n, device = logits.shape[0], logits.device

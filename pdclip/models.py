@@ -410,8 +410,3 @@ def load_trainable_state(model: nn.Module, state: dict[str, Tensor], frozen: dic
     missing = [k for k in missing if not k.startswith(tuple(here))]  # frozen here: the packaged weights
     if missing or unexpected:
         raise ValueError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-
-
-def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
-    """Number of (trainable) parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -392,7 +392,7 @@ def paired_gains(rows: list[dict], value: Callable[[dict], float | None],
     return {g: {a: mean_ci(d) for a, d in by_arm.items()} for g, by_arm in out.items()}
 
 
-def effective_robustness(rows: list[dict], key: str = HEADLINE, baseline: str = "clip") -> dict[str, float]:
+def run_effective_robustness(rows: list[dict], key: str = HEADLINE, baseline: str = "clip") -> dict[str, float]:
     """Each run's effective robustness (shift vs test `key`) against the trend of the baseline runs.
 
     Returns:

@@ -21,11 +21,11 @@ from pdclip.study import (
     HEADLINE,
     PRESETS,
     aggregate,
-    effective_robustness,
     expand,
     headline,
     load_results,
     paired_gains,
+    run_effective_robustness,
 )
 
 # ---------------------------------------------------------------- tables and figures
@@ -161,7 +161,7 @@ def condition(group: tuple) -> str:
 def results_table(rows: list[dict]) -> list[str]:
     """Markdown rows: mean ± 95 % CI over seeds of every column, one row per (condition, method)."""
     cols = {c: aggregate(rows, lambda r, c=c: metric(r, c)) for c in COLUMNS}
-    er = effective_robustness(rows)
+    er = run_effective_robustness(rows)
     cols["eff. robustness"] = aggregate(rows, lambda r: 100 * er[r["cell"]["id"]] if r["cell"]["id"] in er else None)
     cols["target precision"] = aggregate(rows, final_quality)
     # Chance depends on the noise: vague captions truly describe many images.
