@@ -190,7 +190,10 @@ def _execute(notebook: str, output: str, parameters: dict, timeout: int, queue) 
     with KernelMemory() as memory:
         try:
             papermill.execute_notebook(notebook, output, parameters=parameters, cwd=str(Path(notebook).parent),
-                                       execution_timeout=timeout, progress_bar=False, kernel_name="python3")
+                                       execution_timeout=timeout, progress_bar=False, kernel_name="python3",
+                                       # the kernel's own startup warning (TCP on localhost) is not the learner's
+                                       # business; its errors still print
+                                       extra_arguments=["--IPKernelApp.log_level=ERROR"])
         except papermill.PapermillExecutionError as e:  # a failing cell; the output notebook has the traceback
             error = f"cell [{e.exec_count}] {e.ename}: {e.evalue}"
         except Exception as e:  # the kernel died, a cell timed out, ...
