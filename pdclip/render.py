@@ -129,11 +129,12 @@ _PAGE_DETAILS = re.compile(r"<details>\s*<summary>(.*?)</summary>(.*?)</details>
 def page_problems(page: str) -> list[str]:
     """What a rendered page must not show: a `<details>` with nothing inside but its summary (the hint
     spilled out under it), a stderr box (warnings, logs), an `Out[n]:` that is a bare integer (the
-    return value of `write_text`, `gc.collect()`). Empty for a clean page."""
+    return value of `write_text`, `gc.collect()`), this checkout's absolute path. Empty for a clean page."""
     problems = [f"hint outside its <details>: {summary!r}" for summary, body in _PAGE_DETAILS.findall(page)
                 if not re.sub(r"<[^>]+>", "", body).strip()]
     problems += ["a stderr box"] * page.count(_STDERR)
     problems += [f"a bare integer output: {m.group(0)[-40:]!r}" for m in _BARE_INT.finditer(page)]
+    problems += [f"an absolute path: {str(REPO_ROOT)!r}"] * page.count(str(REPO_ROOT))
     return problems
 
 

@@ -137,8 +137,8 @@ def _executed(tmp_path, outputs) -> Path:
     return path
 
 
-def test_page_problems_finds_stderr_bare_integers_and_spilled_hints(tmp_path):
-    from pdclip.render import page_problems, render_notebook
+def test_page_problems_finds_stderr_bare_integers_spilled_hints_and_absolute_paths(tmp_path):
+    from pdclip.render import REPO_ROOT, page_problems, render_notebook
 
     clean = _executed(tmp_path, [new_output("execute_result", data={"text/plain": "0.5"}, execution_count=1),
                                  new_output("stream", name="stdout", text="R@1 0.42 (chance 0.06)\n")])
@@ -152,6 +152,7 @@ def test_page_problems_finds_stderr_bare_integers_and_spilled_hints(tmp_path):
         "a bare integer output", "a stderr box"]
     spilled = page.replace(hint, "<details><summary>Hint 1</summary>\n")
     assert page_problems(spilled) == ["hint outside its <details>: 'Hint 1'"]
+    assert page_problems(page + f"<pre>{REPO_ROOT}/.cache</pre>") == [f"an absolute path: {str(REPO_ROOT)!r}"]
 
 
 def test_pages_show_no_absolute_paths(tmp_path):
