@@ -1,3 +1,4 @@
+import math
 import warnings
 
 import numpy as np
@@ -215,3 +216,53 @@ def test_teacher_targets_find_a_near_duplicate_pair(features, maker):
         off = y - torch.diag(y.diagonal())
         assert off[0].argmax() == 1 and off[1].argmax() == 0
         assert off[0, 1] > 0.5 * off[0].sum()  # most of the off-diagonal mass of row 0 is on its twin
+
+
+# --- The optimised target makers against their plain formulas (docs/methods.md §3-4), in float64.
+
+
+def plain_log_sinkhorn(cost: torch.Tensor, epsilon: float, n_iters: int) -> torch.Tensor:
+    """Sinkhorn in the log domain only, columns then rows per iteration, uniform marginals."""
+    n, m = cost.shape
+    f, g = torch.full((n,), -math.log(n), dtype=torch.float64), torch.zeros(m, dtype=torch.float64)
+    k = -cost.double() / epsilon
+    for _ in range(n_iters):
+        g = -math.log(m) - torch.logsumexp(k + f[:, None], dim=0)
+        f = -math.log(n) - torch.logsumexp(k + g[None, :], dim=1)
+    return (k + f[:, None] + g[None, :]).exp()
+
+
+def test_kd_targets_equal_their_formula(features):
+    img, txt = features(B)
+    u, v = img.double(), txt.double()
+    s_ii, s_tt, s_it = u @ u.T, v @ v.T, u @ v.T
+    y_i2t, y_t2i = kd_targets(img, txt, tau=7.0)
+    torch.testing.assert_close(y_i2t.double(), (7.0 * (s_ii + s_tt + s_it)).softmax(-1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y_t2i.double(), (7.0 * (s_ii + s_tt + s_it.T)).softmax(-1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("epsilon", [0.15, 0.5])
+def test_otter_targets_equal_their_formula(features, epsilon):
+    img, txt = features(B)
+    u, v = img.double(), txt.double()
+    lam, eye = 100.0, torch.eye(B, dtype=torch.float64)
+    base = (u @ u.T - lam * eye) + (v @ v.T - lam * eye)
+    y_i2t, y_t2i = otter_targets(img, txt, epsilon=epsilon, n_iters=5, lam=lam)
+    for ours, s in ((y_i2t, u @ v.T), (y_t2i, v @ u.T)):
+        plan = plain_log_sinkhorn(-(base + s), epsilon, 5)
+        torch.testing.assert_close(ours.double(), B * plan, rtol=1e-4, atol=1e-6)  # rows of B × plan sum to 1
+
+
+def test_sinkhorn_reenters_the_log_domain_and_still_equals_the_plain_iteration(monkeypatch):
+    """At a small ε the scalings soon spread E's entries by more than e^_DRIFT, and the iteration goes
+    back to a log-domain half-step: count those, and check the plan against the log-domain-only one."""
+    import pdclip.targets as targets
+
+    calls = []
+    real = targets._log_half_step
+    monkeypatch.setattr(targets, "_log_half_step", lambda *a: calls.append(a[3]) or real(*a))
+    cost = torch.rand(24, 24, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    epsilon, n_iters = 0.01, 20
+    ours = sinkhorn(cost, epsilon, n_iters).double()
+    assert len(calls) > 1, "the small-ε case should re-enter the log domain"
+    torch.testing.assert_close(ours, plain_log_sinkhorn(cost, epsilon, n_iters), rtol=1e-4, atol=1e-9)
