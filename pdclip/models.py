@@ -22,23 +22,18 @@ import hashlib
 import logging
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import open_clip
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pdclip.config import TrainConfig  # the defaults; config imports nothing from here
 from pdclip.towers import IMAGE_TOWERS, ImageBackbone
-
-if TYPE_CHECKING:  # config imports nothing from here; the annotation only
-    from pdclip.config import TrainConfig
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 PDCLIP_MODELS = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))  # registered with open_clip
 MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
-INIT_LOGIT_SCALE = math.log(1 / 0.07)  # CLIP's initial temperature
-INIT_LOGIT_SCALE_SOFT = 3.9  # OTTER's second temperature, exp(3.9) ~ 49.4
 MAX_SCALE = 100.0
 HEADS = ("linear", "mlp")  # make_head's kinds
 
@@ -62,8 +57,8 @@ class DualEncoder(nn.Module):
     """
 
     def __init__(self, visual: nn.Module, text: nn.Module, tokenizer, image_size: int,
-                 init_logit_scale: float = INIT_LOGIT_SCALE,
-                 init_logit_scale_soft: float = INIT_LOGIT_SCALE_SOFT):
+                 init_logit_scale: float = TrainConfig.init_logit_scale,
+                 init_logit_scale_soft: float = TrainConfig.init_logit_scale_soft):
         super().__init__()
         self.visual, self.text, self.tokenizer, self.image_size = visual, text, tokenizer, image_size
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
@@ -168,7 +163,7 @@ class SentenceEncoderText(nn.Module):
     """
 
     def __init__(self, name_or_path: str, embed_dim: int, context_length: int = 77, freeze: bool = False,
-                 head: str = "linear", head_hidden: int = 512):
+                 head: str = TrainConfig.head, head_hidden: int = TrainConfig.head_hidden):
         super().__init__()
         from transformers import AutoModel, AutoTokenizer  # optional dependency: pdclip[text]
 
@@ -250,9 +245,9 @@ def _open_clip_quietly(random_towers: bool = False):
 
 def create_model(name: str, pretrained_text: str | None = None, *, freeze_text: bool = False,
                  pretrained_image: str | None = None, freeze_image: bool = False, trainable_blocks: int = 0,
-                 image_size: int | None = None, head: str = "linear", head_hidden: int = 512,
-                 embed_dim: int | None = None, init_logit_scale: float = INIT_LOGIT_SCALE,
-                 init_logit_scale_soft: float = INIT_LOGIT_SCALE_SOFT, load_weights: bool = True) -> DualEncoder:
+                 image_size: int | None = None, head: str = TrainConfig.head, head_hidden: int = TrainConfig.head_hidden,
+                 embed_dim: int | None = None, init_logit_scale: float = TrainConfig.init_logit_scale,
+                 init_logit_scale_soft: float = TrainConfig.init_logit_scale_soft, load_weights: bool = True) -> DualEncoder:
     """Build a dual encoder.
 
     Args:

@@ -13,6 +13,8 @@ import math
 import torch
 from torch import Tensor
 
+from pdclip.config import LossConfig  # the defaults
+
 
 def identity_targets(n: int, device: torch.device | str | None = None) -> Tensor:
     """CLIP's hard targets `I`, `(n, n)` (docs/methods.md §1)."""
@@ -39,7 +41,7 @@ def _similarities(image_features: Tensor, text_features: Tensor) -> tuple[Tensor
 
 
 @torch.no_grad()
-def kd_targets(image_features: Tensor, text_features: Tensor, tau: float = 100.0) -> tuple[Tensor, Tensor]:
+def kd_targets(image_features: Tensor, text_features: Tensor, tau: float = LossConfig.kd_tau) -> tuple[Tensor, Tensor]:
     """KD targets `softmax_row(τ (S_II + S_TT + S_IT))` and its text→image twin (docs/methods.md §3).
 
     Args:
@@ -153,9 +155,9 @@ def _log_half_step(cost: Tensor, epsilon: float, potential: Tensor, dim: int,
 def otter_targets(
     image_features: Tensor,
     text_features: Tensor,
-    epsilon: float = 0.15,
-    n_iters: int = 5,
-    lam: float = 100.0,
+    epsilon: float = LossConfig.ot_epsilon,
+    n_iters: int = LossConfig.ot_iters,
+    lam: float = LossConfig.ot_lambda,
 ) -> tuple[Tensor, Tensor]:
     """OTTER's targets: row-normalised Sinkhorn plans over the teacher's similarities (docs/methods.md §4).
 
@@ -185,8 +187,8 @@ def otter_targets(
 def psd_targets(
     logits: Tensor,
     alpha: float,
-    subset: float = 0.5,
-    temperature: float = 1.0,
+    subset: float = LossConfig.psd_subset,
+    temperature: float = LossConfig.psd_temperature,
     generator: torch.Generator | None = None,
     hard: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
@@ -247,7 +249,7 @@ def psd_subset(n: int, subset: float, generator: torch.Generator | None = None,
 
 
 @torch.no_grad()
-def psd_soft_rows(logits: Tensor, chosen: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+def psd_soft_rows(logits: Tensor, chosen: Tensor, temperature: float = LossConfig.psd_temperature) -> tuple[Tensor, Tensor]:
     """The teacher's predictions on PSD's subset: what `psd_targets` mixes into `I`.
 
     Args:

@@ -89,7 +89,7 @@ class EmaTeacher(FrozenCopyTeacher):
     student's forward. Under DDP pass the unwrapped module (`ddp_model.module`).
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.999):
+    def __init__(self, model: nn.Module, decay: float = LossConfig.ema_decay):
         super().__init__(model)
         self.decay = decay
 

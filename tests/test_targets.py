@@ -266,3 +266,28 @@ def test_sinkhorn_reenters_the_log_domain_and_still_equals_the_plain_iteration(m
     ours = sinkhorn(cost, epsilon, n_iters).double()
     assert len(calls) > 1, "the small-ε case should re-enter the log domain"
     torch.testing.assert_close(ours, plain_log_sinkhorn(cost, epsilon, n_iters), rtol=1e-4, atol=1e-9)
+
+
+def test_defaults_are_the_configs():
+    """config.py is the one home of defaults: the functions a config drives take theirs from it."""
+    import inspect
+
+    from pdclip.config import TrainConfig
+    from pdclip.models import DualEncoder, create_model
+    from pdclip.targets import psd_soft_rows
+    from pdclip.teacher import EmaTeacher
+
+    loss, train = LossConfig(), TrainConfig()
+    expected = {kd_targets: {"tau": loss.kd_tau},
+                otter_targets: {"epsilon": loss.ot_epsilon, "n_iters": loss.ot_iters, "lam": loss.ot_lambda},
+                psd_targets: {"subset": loss.psd_subset, "temperature": loss.psd_temperature},
+                psd_soft_rows: {"temperature": loss.psd_temperature},
+                EmaTeacher.__init__: {"decay": loss.ema_decay},
+                DualEncoder.__init__: {"init_logit_scale": train.init_logit_scale,
+                                       "init_logit_scale_soft": train.init_logit_scale_soft},
+                create_model: {name: getattr(train, name) for name in
+                               ("head", "head_hidden", "init_logit_scale", "init_logit_scale_soft",
+                                "trainable_blocks", "image_size", "embed_dim", "freeze_image", "freeze_text")}}
+    for fn, defaults in expected.items():
+        params = inspect.signature(fn).parameters
+        assert {k: params[k].default for k in defaults} == defaults, fn.__qualname__
