@@ -1,0 +1,152 @@
+"""The study's runner: a cell's training configuration, one cell's run, and the resumable grid.
+
+`run_grid` skips cells whose `result.json` exists, so an interrupted study resumes. Each result holds
+every `pdclip.evaluate` metric, the soft-target quality over training and the wall time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
+from multiprocessing import get_context
+from pathlib import Path
+
+from pdclip.config import LossConfig, TrainConfig
+from pdclip.study.presets import SETTINGS
+from pdclip.study.results import check_base, load_results
+
+
+def train_config(cell: dict, base: dict, run_dir: Path) -> TrainConfig:
+    """The `TrainConfig` of a cell: the preset's shared settings, the cell's data, tower and targets."""
+    # A variant's keys are LossConfig fields, or TrainConfig fields (OTTER's init_logit_scale_soft).
+    loss_fields = {f.name for f in dataclasses.fields(LossConfig)}
+    loss = {k: v for k, v in cell["variant"].items() if k in loss_fields}
+    train = {k: v for k, v in cell["variant"].items() if k not in loss_fields}
+    data = dict(base.get("data_kwargs", {}).get(cell["dataset"], {}))
+    if cell["dataset"] == "synthetic":
+        data.update(n_train=cell["n_train"], n_eval=base["n_eval"],
+                    p_mismatch=cell["noise"] / 2, p_vague=cell["noise"] / 2)
+    elif cell["noise"] is not None:  # clip art: the noise level is the share of mismatched captions
+        data["caption_noise"] = cell["noise"]
+    shared = {k: v for k, v in base.items() if k in ("lr", "weight_decay")}
+    return TrainConfig(dataset=cell["dataset"], data_kwargs=data, model=base["model"],
+                       **SETTINGS[cell["setting"]], steps=base["steps"],
+                       warmup_steps=base["warmup_steps"], batch_size=base["batch_size"], precision="fp32",
+                       seed=cell["seed"], out=str(run_dir), overwrite=True, progress=False,
+                       save_every=base["steps"], snapshot_every=base["snapshot_every"],
+                       loss=LossConfig(method=cell["method"], **loss), **shared, **train)
+
+
+def eval_splits(dataset: str) -> tuple[str, ...]:
+    """The splits a cell is scored on (the synthetic source also has a shifted test split)."""
+    return ("train", "val", "test") + (("shift",) if dataset == "synthetic" else ())
+
+
+def build_feature_caches(cells: list[dict], base: dict, log: Callable[[str], None] = print) -> None:
+    """Extract the backbone features of every dataset the frozen-tower cells read, once, with every
+    thread, before the cells run: two parallel cells would otherwise extract the same cache side by side."""
+    from pdclip.features import CachedFeatures
+    from pdclip.models import model_from_config
+
+    models, done = {}, set()
+    for cell in cells:
+        cfg = train_config(cell, base, Path("unused"))
+        key = json.dumps([cell["setting"], cfg.dataset, cfg.data_kwargs, cfg.feature_views], sort_keys=True)
+        if not cfg.feature_cache or key in done:
+            continue
+        done.add(key)
+        log(f"feature caches for {cfg.dataset} {cfg.data_kwargs}")
+        towers = cell["setting"]  # one model per tower setting: its heads are not used
+        if towers not in models:
+            models[towers] = model_from_config(cfg)
+        for split in eval_splits(cfg.dataset):
+            CachedFeatures(models[towers], cfg.dataset, split, cfg.data_kwargs, root=cfg.feature_cache_dir,
+                           views=cfg.feature_views if split == "train" else 1)
+
+
+def run_cell(cell: dict, base: dict, cell_dir: Path) -> dict:
+    """Train one cell, evaluate it on every split, score its soft targets; returns the result dict.
+
+    The linear probe and every metric use at most `base["n_eval"]` samples per split (the probe's
+    C is chosen on val); the checkpoint is deleted afterwards (metrics.jsonl and snapshots stay).
+    """
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(1)  # one core per run: parallel runs (--jobs) do not fight over threads
+    logging.getLogger().setLevel(logging.ERROR)  # open_clip warns that random towers have no weights
+    # NumPy/scikit-learn's BLAS threads too: on a busy machine a threaded linear probe ran 7x slower.
+    with threadpool_limits(1):
+        return _run_cell(cell, base, cell_dir)
+
+
+def _run_cell(cell: dict, base: dict, cell_dir: Path) -> dict:
+    """`run_cell`'s work, once the thread limits are set."""
+    from pdclip.checkpoint import load_checkpoint
+    from pdclip.data import build_dataset
+    from pdclip.evaluate import evaluate_model, run_target_quality
+    from pdclip.train import fit
+
+    tic, cpu = time.perf_counter(), time.process_time()
+    cfg = train_config(cell, base, cell_dir / "run")
+    summary = fit(cfg)
+    train_s = time.perf_counter() - tic
+    model, _ = load_checkpoint(summary["checkpoint"], "cpu")
+    kwargs = {"image_size": model.image_size, **cfg.data_kwargs, "augment": False}  # frozen features
+    splits = eval_splits(cell["dataset"])
+    if cfg.feature_cache:  # the heads on the cached backbone features: the full towers' numbers, cheaper
+        from pdclip.features import cached_splits
+
+        encoder, datasets = cached_splits(model, cfg.dataset, splits, kwargs, cfg.feature_cache_dir)
+    else:
+        encoder, datasets = model, {s: build_dataset(cfg.dataset, s, **kwargs) for s in splits}
+    scores = evaluate_model(encoder, datasets, max_samples=base["n_eval"])
+    quality = (run_target_quality(cfg.out, datasets["train"], cfg.loss.mix_alpha)
+               if hasattr(datasets["train"], "true_correspondence") else [])
+    Path(summary["checkpoint"]).unlink()  # ~40 MB each; the results are all in result.json
+    return {"cell": cell, "metrics": scores, "target_quality": quality,
+            "train_s": train_s, "wall_s": time.perf_counter() - tic, "cpu_s": time.process_time() - cpu}
+
+
+def _run_and_save(run_fn: Callable, cell: dict, base: dict, cell_dir: Path) -> dict:
+    """`run_fn(cell, base, cell_dir)`, then write `result.json` atomically (its presence means done)."""
+    from pdclip.checkpoint import atomic_write_json  # torch: only where cells run
+
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    result = run_fn(cell, base, cell_dir)
+    atomic_write_json(result, cell_dir / "result.json")
+    return result
+
+
+def run_grid(cells: list[dict], base: dict, out: str | Path, run_fn: Callable = run_cell, jobs: int = 1,
+             log: Callable[[str], None] = print) -> list[dict]:
+    """Run every cell whose `<out>/cells/<id>/result.json` is missing; returns all results, in cell order.
+
+    Args:
+        cells: from `expand`.
+        base: the preset's shared settings.
+        run_fn: `run_fn(cell, base, cell_dir) -> dict` (`run_cell`; tests pass a fake).
+        jobs: parallel processes (each one thread); 1 runs in this process.
+    """
+    out = Path(out)
+    check_base(out, base)
+    todo = [c for c in cells if not (out / "cells" / c["id"] / "result.json").exists()]
+    log(f"{len(cells) - len(todo)} of {len(cells)} cells done; running {len(todo)} with {jobs} job(s)")
+    tic = time.perf_counter()
+    if run_fn is run_cell:
+        build_feature_caches(todo, base, log)
+    with ExitStack() as stack:
+        if jobs > 1:
+            pool = stack.enter_context(ProcessPoolExecutor(jobs, mp_context=get_context("spawn")))
+            futures = [pool.submit(_run_and_save, run_fn, c, base, out / "cells" / c["id"]) for c in todo]
+            results = (f.result() for f in futures)
+        else:
+            results = (_run_and_save(run_fn, c, base, out / "cells" / c["id"]) for c in todo)
+        for i, (cell, result) in enumerate(zip(todo, results, strict=True), 1):
+            log(f"[{i}/{len(todo)}] {cell['id']}: {result['wall_s']:.0f} s (elapsed {time.perf_counter() - tic:.0f} s)")
+    return load_results(out, cells)
