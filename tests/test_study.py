@@ -215,13 +215,6 @@ def test_the_cli_runs_as_a_module_and_reports_nothing_without_results(tmp_path):
     assert not (tmp_path / "empty").exists()
 
 
-# Edges the cycle check still tolerates, each closing a known cycle: `pdclip.data.build_dataset` imports
-# its sources lazily, and they import `ZeroShotTask` / `collate` back from the package. Empty it by
-# moving those two into a module of their own; an entry that no longer exists fails the test.
-TOLERATED_IMPORTS = {("pdclip.data.clipart", "pdclip.data"), ("pdclip.data.synthetic", "pdclip.data"),
-                     ("pdclip.data.sampling", "pdclip.data")}
-
-
 def _pdclip_imports() -> dict[str, set[str]]:
     """`{module: the pdclip modules it imports}` for every module under pdclip/, from its source (imports
     inside functions too: a lazy import still closes a circle)."""
@@ -255,10 +248,7 @@ def test_no_import_cycle_in_pdclip():
     # The parser sees top-level `from pdclip.x import name` and an import inside a function.
     edges = {(m, d) for m, deps in graph.items() for d in deps}
     assert {("pdclip.study.report", "pdclip.study.tables"), ("pdclip.study.runner", "pdclip.features")} <= edges
-    stale = {(m, d) for m, d in TOLERATED_IMPORTS if d not in graph.get(m, ())}
-    assert not stale, f"tolerated imports that are gone, remove them from TOLERATED_IMPORTS: {sorted(stale)}"
-    acyclic = {m: {d for d in deps if (m, d) not in TOLERATED_IMPORTS} for m, deps in graph.items()}
     try:
-        graphlib.TopologicalSorter(acyclic).prepare()
+        graphlib.TopologicalSorter(graph).prepare()
     except graphlib.CycleError as err:
         pytest.fail(f"import cycle in pdclip (A -> B: A imports B): {' -> '.join(reversed(err.args[1]))}")

@@ -42,7 +42,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from pdclip.data import ZeroShotTask
+from pdclip.data.base import ZeroShotTask
 from pdclip.data.transforms import split_transform
 
 SYSTEM_DIR = Path("/usr/share/openclipart/png")

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
-from pdclip.data import collate
+from pdclip.data.base import collate
 from pdclip.distributed import world
 
 # What a seed is for: the same (seed, epoch) gives unrelated streams for each purpose.

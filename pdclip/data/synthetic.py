@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from pdclip.data import ZeroShotTask
+from pdclip.data.base import ZeroShotTask
 from pdclip.data.captions import Claims, clean_caption, correspondence, vague_caption
 from pdclip.data.scenes import COLOURS, SHAPES, render, sample_scenes
 from pdclip.data.transforms import split_transform
