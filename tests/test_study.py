@@ -3,8 +3,6 @@ and no import cycle anywhere in pdclip."""
 
 from __future__ import annotations
 
-import ast
-import graphlib
 import math
 import os
 import subprocess
@@ -213,42 +211,3 @@ def test_the_cli_runs_as_a_module_and_reports_nothing_without_results(tmp_path):
     done = run("--preset", "quick", "--report-only", "--out", str(tmp_path / "empty"))
     assert done.returncode == 0, done.stderr
     assert not (tmp_path / "empty").exists()
-
-
-def _pdclip_imports() -> dict[str, set[str]]:
-    """`{module: the pdclip modules it imports}` for every module under pdclip/, from its source (imports
-    inside functions too: a lazy import still closes a circle)."""
-    paths = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
-             for p in ROOT.glob("pdclip/**/*.py")}
-    graph = {}
-    for name, path in paths.items():
-        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        targets = []
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Import):
-                targets += [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module
-                if node.level:  # `from .x import y` inside package a.b: a.b.x
-                    anchor = package.split(".")[:len(package.split(".")) + 1 - node.level]
-                    base = ".".join(anchor + ([node.module] if node.module else []))
-                targets += [f"{base}.{a.name}" if f"{base}.{a.name}" in paths else base for a in node.names]
-        graph[name] = set()
-        for target in targets:  # `import pdclip.x.y` or `from pdclip.x import y`: the module it names
-            while target and target not in paths:
-                target = target.rpartition(".")[0]
-            if target and target != name:
-                graph[name].add(target)
-    return graph
-
-
-def test_no_import_cycle_in_pdclip():
-    graph = _pdclip_imports()
-    assert {"pdclip.study.presets", "pdclip.study.report", "pdclip.study.__main__"} <= set(graph)
-    # The parser sees top-level `from pdclip.x import name` and an import inside a function.
-    edges = {(m, d) for m, deps in graph.items() for d in deps}
-    assert {("pdclip.study.report", "pdclip.study.tables"), ("pdclip.study.runner", "pdclip.features")} <= edges
-    try:
-        graphlib.TopologicalSorter(graph).prepare()
-    except graphlib.CycleError as err:
-        pytest.fail(f"import cycle in pdclip (A -> B: A imports B): {' -> '.join(reversed(err.args[1]))}")
