@@ -23,8 +23,9 @@ import torch
 
 from pdclip.config import METHODS, load_config
 from pdclip.data import collate
-from pdclip.features import CachedFeatures, cpu_threads
+from pdclip.features import CachedFeatures
 from pdclip.models import model_from_config
+from pdclip.runtime import cpu_threads
 from pdclip.train import Trainer
 
 

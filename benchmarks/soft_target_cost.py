@@ -31,8 +31,9 @@ from threadpoolctl import threadpool_limits  # scikit-learn's dependency
 from train_throughput import DATA, loop_vs_open_clip, step_times
 
 from pdclip.config import TrainConfig, load_config
-from pdclip.features import CachedFeatures, cpu_threads
+from pdclip.features import CachedFeatures
 from pdclip.models import model_from_config
+from pdclip.runtime import cpu_threads
 
 BENCH = {"steps": 10_000, "warmup_steps": 2, "snapshot_every": 0, "save_every": 0, "progress": False}
 

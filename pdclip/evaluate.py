@@ -324,7 +324,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     except ValueError as e:  # held-out shards not given
         sys.exit(f"error: {e}")
     if args.feature_cache:  # the same numbers as the full towers (tests/test_features.py), far cheaper
-        from pdclip.features import CachedFeatures, HeadsOnly
+        from pdclip.features.dataset import CachedFeatures
+        from pdclip.features.heads import HeadsOnly
 
         datasets = {s: CachedFeatures(model, args.dataset, s, kwargs[s], root=cfg.feature_cache_dir) for s in splits}
         encoder = HeadsOnly(model, datasets.values())

@@ -37,10 +37,12 @@ from pdclip.data import SHARD_SOURCES, build_dataset, split_kwargs
 from pdclip.data.sampling import make_batches, probe_batch
 from pdclip.data.shards import require_shards
 from pdclip.distributed import gather_features, world
-from pdclip.features import CachedFeatures, HeadsOnly, cpu_threads
+from pdclip.features.dataset import CachedFeatures
+from pdclip.features.heads import HeadsOnly
 from pdclip.methods import MethodOutput, method_loss
 from pdclip.models import DualEncoder, load_trainable_state, model_from_config, trainable_state
 from pdclip.positives import caption_keys, image_keys
+from pdclip.runtime import cpu_threads
 from pdclip.schedules import lr_at, psd_alpha
 from pdclip.teacher import make_teacher
 from pdclip.towers import ImageBackbone

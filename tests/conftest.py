@@ -8,7 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # One intra-op thread, here and (through the environment) in every process a test starts: on a busy
-# 2-core CPU two threads wait on each other (see `pdclip.features.cpu_threads`), and a test's speed
+# 2-core CPU two threads wait on each other (see `pdclip.runtime.cpu_threads`), and a test's speed
 # should not depend on what else the machine runs.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)

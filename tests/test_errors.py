@@ -8,9 +8,8 @@ import pytest
 import torch
 from test_cli import tiny
 
-from pdclip import features
 from pdclip.checkpoint import CheckpointError, latest_checkpoint, read_checkpoint
-from pdclip.features import FeatureCacheError, cached_array
+from pdclip.features import FeatureCacheError, cached_array, extract
 from pdclip.train import fit, main
 
 FAST = ["--steps=2", "--batch-size=8", "--snapshot-every=0", "--progress=false", "--precision=fp32",
@@ -125,11 +124,11 @@ def test_corrupt_shard_index_names_its_file(tmp_path, monkeypatch):
     shard = tmp_path / "shard-0000.tar"
     shard.write_bytes(b"stands in for a tar")
     backbone = torch.nn.Linear(2, 3)
-    monkeypatch.setattr(features, "_extract_shard",
+    monkeypatch.setattr(extract, "_extract_shard",
                         lambda *a, **k: (np.ones((2, 3), np.float32), ["a cat", "a dog"], [None, None]))
     source = type("Source", (), {"urls": [str(shard)], "subset": None})()
-    features.shard_features(source, backbone, 32, tmp_path / "cache", torch.device("cpu"))
+    extract.shard_features(source, backbone, 32, tmp_path / "cache", torch.device("cpu"))
     (index,) = (tmp_path / "cache").glob("*.index.json")
     index.write_text('{"key": {"shard": ')  # a write cut short by hand, a disk error
     with pytest.raises(FeatureCacheError, match=rf"{index} is corrupt .*delete it"):
-        features.shard_features(source, backbone, 32, tmp_path / "cache", torch.device("cpu"))
+        extract.shard_features(source, backbone, 32, tmp_path / "cache", torch.device("cpu"))

@@ -26,7 +26,7 @@ from pdclip.checkpoint import read_checkpoint
 from pdclip.config import TrainConfig
 from pdclip.data import build_dataset, split_kwargs
 from pdclip.data.sampling import GlobalBatchSampler, ShardBatches, make_batches, mixed_seed
-from pdclip.features import _extract_shard
+from pdclip.features.extract import _extract_shard
 from pdclip.train import default_eval_fn, fit
 
 PER_SHARD, PX = 12, 16
