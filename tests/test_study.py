@@ -182,9 +182,7 @@ def test_frozen_preset_trains_heads_on_cached_features_with_five_seeds(tmp_path)
 def test_feature_caches_are_built_once_per_dataset_before_the_cells_run(tmp_path, monkeypatch):
     """Parallel cells must not extract the same cache side by side: `run_grid` builds each dataset's
     caches first, once, and a second call finds them all."""
-    from pdclip import features
-
-    monkeypatch.setattr(features, "DEFAULT_ROOT", tmp_path / "cache")
+    monkeypatch.setattr("pdclip.features.dataset.DEFAULT_ROOT", tmp_path / "cache")  # where CachedFeatures reads it
     base = {**presets.PRESETS["frozen"]["base"], "n_train": 16, "n_eval": 8}
     preset = {"base": base, "experiments": {"x": {"dataset": "synthetic", "settings": ["frozen"], "noise": [0.0],
                                                   "methods": ["clip", "psd"]}}}
