@@ -150,7 +150,7 @@ class TrainConfig:
     # and caption (features on disk), then only the heads train. No augmentation unless feature_views > 1.
     feature_cache: bool = False
     feature_views: int = 1  # image views of the training split: 0 plain, 1.. augmented; epoch e reads e % K
-    feature_cache_dir: str | None = None  # None: the repository's .cache/features (or $PDCLIP_FEATURE_CACHE)
+    feature_cache_dir: str | None = None  # None: $PDCLIP_FEATURE_CACHE, else a checkout's .cache/features (pdclip.runtime.cache_dir)
     init_logit_scale: float = math.log(1 / 0.07)  # the log-temperature at init (open_clip: log(1/0.07))
     init_logit_scale_soft: float = 3.9  # OTTER's second log-temperature (its soft targets') at init
     # Optimisation. `batch_size` is the *global* batch, split evenly over the ranks.

@@ -1,11 +1,31 @@
-"""Runtime helpers that belong to no one concept: the CPU threads a block runs on."""
+"""Runtime helpers that belong to no one concept: where caches live, the CPU threads a block runs on."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def cache_dir(name: str, package_dir: Path = PACKAGE_DIR) -> Path:
+    """Where pdclip keeps its cache `name` (decoded clip art, backbone features).
+
+    `$PDCLIP_CACHE/name` when set; else, when pdclip runs from a source checkout (an editable install,
+    Binder, Colab's clone: `pyproject.toml` beside the package), the checkout's `.cache/name`, which
+    `make clipart` fills; else, for a plain `pip install`, the user's cache folder
+    (`$XDG_CACHE_HOME`, default `~/.cache`) `/pdclip/name`, never the site-packages tree.
+    """
+    if os.environ.get("PDCLIP_CACHE"):
+        return Path(os.environ["PDCLIP_CACHE"]) / name
+    checkout = package_dir.parent
+    if (checkout / "pyproject.toml").is_file():
+        return checkout / ".cache" / name
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pdclip" / name
 
 
 @contextmanager

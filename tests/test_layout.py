@@ -46,3 +46,19 @@ def test_no_import_cycle_in_pdclip():
         graphlib.TopologicalSorter(graph).prepare()
     except graphlib.CycleError as err:
         pytest.fail(f"import cycle in pdclip (A -> B: A imports B): {' -> '.join(reversed(err.args[1]))}")
+
+
+def test_caches_live_in_the_checkout_or_the_users_cache_never_in_site_packages(tmp_path, monkeypatch):
+    from pdclip.runtime import cache_dir
+
+    monkeypatch.delenv("PDCLIP_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    checkout, installed = tmp_path / "checkout", tmp_path / "site-packages"
+    (checkout / "pdclip").mkdir(parents=True)
+    (checkout / "pyproject.toml").write_text("[project]\nname = 'pdclip'\n")
+    (installed / "pdclip").mkdir(parents=True)
+    assert cache_dir("features", checkout / "pdclip") == checkout / ".cache" / "features"
+    assert cache_dir("features", installed / "pdclip") == tmp_path / "xdg" / "pdclip" / "features"
+    monkeypatch.setenv("PDCLIP_CACHE", str(tmp_path / "mine"))
+    assert cache_dir("openclipart", installed / "pdclip") == tmp_path / "mine" / "openclipart"
+    assert cache_dir("openclipart") == tmp_path / "mine" / "openclipart"  # this checkout too

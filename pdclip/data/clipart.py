@@ -44,12 +44,14 @@ from tqdm import tqdm
 
 from pdclip.data.base import ZeroShotTask
 from pdclip.data.transforms import split_transform
+from pdclip.runtime import cache_dir
 
 SYSTEM_DIR = Path("/usr/share/openclipart/png")
 PNG_SUBDIR = Path("usr/share/openclipart/png")
-# The repository's `.cache/openclipart` (what `make clipart` fills), whatever the working directory
-# (notebooks run in notebooks/); PDCLIP_CLIPART_ROOT overrides it.
-DEFAULT_ROOT = Path(os.environ.get("PDCLIP_CLIPART_ROOT", Path(__file__).resolve().parents[2] / ".cache" / "openclipart"))
+# A checkout's `.cache/openclipart` (what `make clipart` fills), whatever the working directory
+# (notebooks run in notebooks/), or the user's cache folder (`pdclip.runtime.cache_dir`);
+# PDCLIP_CLIPART_ROOT overrides it.
+DEFAULT_ROOT = Path(os.environ.get("PDCLIP_CLIPART_ROOT") or cache_dir("openclipart"))
 HOW_TO_GET = ("openclipart-png is not available. Get it with one of:\n"
               "  Debian/Ubuntu: apt-get download openclipart-png (no root), or sudo apt-get install openclipart-png\n"
               "  Binder: list openclipart-png in binder/apt.txt (this repository does)\n"

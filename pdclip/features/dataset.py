@@ -31,8 +31,8 @@ class CachedFeatures:
         dataset, split, data_kwargs: as for `pdclip.data.build_dataset` (`image_size` is the model's;
             `augment` is the cache's business: view 0 is unaugmented, views 1.. augmented).
         views: `K`, the number of image views of the split (see the `pdclip.features` docstring).
-        root: the cache folder (`DEFAULT_ROOT`: the repository's `.cache/features`, or
-            `$PDCLIP_FEATURE_CACHE`).
+        root: the cache folder (`DEFAULT_ROOT`: `$PDCLIP_FEATURE_CACHE`, else
+            `pdclip.runtime.cache_dir("features")`: a checkout's `.cache/features`).
         batch_size: images / captions per backbone call while extracting.
     """
 

@@ -21,9 +21,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from pdclip.checkpoint import atomic_write_json
+from pdclip.runtime import cache_dir
 
 VERSION = 2  # part of every key: bump when extraction or the file layout changes (2: views' seeds)
-DEFAULT_ROOT = Path(os.environ.get("PDCLIP_FEATURE_CACHE", Path(__file__).resolve().parents[2] / ".cache" / "features"))
+DEFAULT_ROOT = Path(os.environ.get("PDCLIP_FEATURE_CACHE") or cache_dir("features"))
 
 
 class FeatureCacheError(ValueError):
