@@ -50,3 +50,12 @@ def test_within_time_is_quiet_and_09_runs_at_smoke_size(fake_course, tmp_path, c
 def test_memory_limit_fails_everywhere(fake_course, tmp_path):
     fake_course["peak_mb"] = MEMORY_LIMIT_MB + 1.0
     assert tutorial.main(["--out", str(tmp_path)]) == 1
+
+
+def test_an_explicit_limit_applies_to_a_part_the_default_only_to_the_whole(fake_course, tmp_path, capsys,
+                                                                           monkeypatch):
+    monkeypatch.setenv("CI", "true")
+    assert tutorial.main(["--out", str(tmp_path), "--only", "00", "--time-limit", "10"]) == 1
+    assert "FAILED: 100 s is over the 10 s limit" in capsys.readouterr().out
+    assert tutorial.main(["--out", str(tmp_path), "--only", "00", "01"]) == 0  # no default limit for a part
+    assert "no time limit" in capsys.readouterr().out
