@@ -310,11 +310,13 @@ class _Tee:
         self.stream, self.file = stream, file
 
     def write(self, text: str) -> int:
-        self.file.write(text)
+        if not self.file.closed:  # a run that was never closed: logging closes its file at exit
+            self.file.write(text)
         return self.stream.write(text)
 
     def flush(self) -> None:
-        self.file.flush()
+        if not self.file.closed:
+            self.file.flush()
         self.stream.flush()
 
     def __getattr__(self, name: str):  # isatty, encoding, fileno, ...: the terminal's

@@ -151,3 +151,19 @@ def test_checkpoints_hold_only_what_weights_only_loads(tmp_path):
     fit(tiny(tmp_path, steps=2))
     ckpt = torch.load(tmp_path / "run" / "checkpoint_000002.pt", weights_only=True)
     assert ckpt["step"] == 2 and ckpt["config"]["resume"] is None
+
+
+def test_a_log_tee_outlives_its_file(tmp_path):
+    """A run never closed (a notebook kernel's Trainer) leaves its tee on stdout; once logging closes the
+    file at exit, prints still reach the terminal and nothing raises."""
+    import io
+
+    from pdclip.checkpoint import _Tee
+
+    terminal, file = io.StringIO(), open(tmp_path / "train.log", "w")  # noqa: SIM115
+    tee = _Tee(terminal, file)
+    tee.write("kept\n")
+    file.close()
+    tee.write("after\n")
+    tee.flush()
+    assert terminal.getvalue() == "kept\nafter\n" and (tmp_path / "train.log").read_text() == "kept\n"
