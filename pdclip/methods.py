@@ -38,7 +38,9 @@ class MethodOutput:
     """A method's loss, its parts for the metrics log, and a detached view for snapshots."""
 
     loss: Tensor  # scalar, with grad
-    parts: dict[str, float]
+    # Detached scalar tensors (and PSD's alpha, a float): the training loop reads them all in one host
+    # sync per step; `float(v)` reads one.
+    parts: dict[str, Tensor | float]
     logits: Tensor  # (B, B) image→text logits of the global batch, detached
     # The (B, B) targets, built only when asked for (snapshots): CLIP's and PSD's losses do without them.
     make_targets: Callable[[], tuple[Tensor, Tensor]]
@@ -71,6 +73,7 @@ def method_loss(
     generator: torch.Generator | None = None,
     caption_keys: Tensor | None = None,
     image_keys: Tensor | None = None,
+    check_finite: bool = True,
 ) -> MethodOutput:
     """Loss of `cfg.method` on the global batch.
 
@@ -87,14 +90,16 @@ def method_loss(
         caption_keys, image_keys: the local `(B_local,)` int64 keys of `pdclip.positives`; required by
             `cfg.multi_positive` (and `cfg.positive_images`), gathered here so that equality is decided
             on the global batch.
+        check_finite: raise a clear error on NaN / Inf features or costs. Each check reads the device
+            (a host sync), so the training loop turns them off and checks its loss once per step.
     """
     img = gather_features(image_features, with_grad=True)
     txt = gather_features(text_features, with_grad=True)
-    check_feature_pair(img, txt)
+    check_feature_pair(img, txt, finite=check_finite)
     similarity = img @ txt.T
     logits = logit_scale * similarity
     n, device = logits.shape[0], logits.device
-    parts: dict[str, float] = {}
+    parts: dict[str, Tensor | float] = {}
     # Without multi-positive targets the hard targets are `I`, and no loss builds it: CLIP (and KD's and
     # OTTER's hard half) take integer labels, PSD's loss its few soft rows (`identity_soft_rows_ce`).
     hard = hard_targets(cfg, device, caption_keys, image_keys)
@@ -131,15 +136,16 @@ def method_loss(
         if cfg.method == "kd":
             y_i2t, y_t2i = kd_targets(t_img, t_txt, cfg.kd_tau)
         else:
-            y_i2t, y_t2i = otter_targets(t_img, t_txt, cfg.ot_epsilon, cfg.ot_iters, cfg.ot_lambda)
+            y_i2t, y_t2i = otter_targets(t_img, t_txt, cfg.ot_epsilon, cfg.ot_iters, cfg.ot_lambda,
+                                         check_finite=check_finite)
         loss_clip = _hard_ce(logits, hard)
         scale_soft = logit_scale if logit_scale_soft is None else logit_scale_soft
         loss_soft = symmetric_soft_ce(scale_soft * similarity, y_i2t, y_t2i)
         loss = cfg.mix_alpha * loss_clip + (1 - cfg.mix_alpha) * loss_soft
-        parts.update(loss_clip=loss_clip.item(), loss_soft=loss_soft.item())
+        parts.update(loss_clip=loss_clip.detach(), loss_soft=loss_soft.detach())
         make_targets = _known(y_i2t, y_t2i)
 
-    parts["loss"] = loss.item()
+    parts["loss"] = loss.detach()
     return MethodOutput(loss, parts, logits.detach(), make_targets)
 
 

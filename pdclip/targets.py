@@ -57,6 +57,11 @@ def kd_targets(image_features: Tensor, text_features: Tensor, tau: float = LossC
     return torch.add(base, s_it).mul_(tau).softmax(dim=-1), base.add_(s_ti).mul_(tau).softmax(dim=-1)
 
 
+# Devices where `sinkhorn`'s scaling half-steps run by default. Each one reads its scalings' spread on the
+# host to decide whether to go back to the log domain: free on a CPU, a stall of the queue on an
+# accelerator, where every half-step is a log-domain one instead (no host sync at all).
+SCALING_DEVICES = ("cpu",)
+
 # Between log-domain half-steps the plan is `diag(u) E diag(v)`. The scalings may spread E's entries
 # apart by at most e^_DRIFT (the spread, max - min, of log u plus that of log v): an entry of E that
 # underflowed to 0 in float32 (< 1e-38 of the largest) stays below ~1e-20 of what its row and column
@@ -65,7 +70,8 @@ _DRIFT = 40.0
 
 
 @torch.no_grad()
-def sinkhorn(cost: Tensor, epsilon: float, n_iters: int, total_mass: float = 1.0) -> Tensor:
+def sinkhorn(cost: Tensor, epsilon: float, n_iters: int, total_mass: float = 1.0, *,
+             scaling: bool | None = None, check_finite: bool = True) -> Tensor:
     """Entropic optimal-transport plan with uniform marginals, stabilised in the log domain (docs/methods.md §4).
 
     Solves `min_Q <Q, C> - ε H(Q)` s.t. `Q 1 = 1/n`, `Qᵀ 1 = 1/m` by Sinkhorn–Knopp in the same order as
@@ -78,13 +84,17 @@ def sinkhorn(cost: Tensor, epsilon: float, n_iters: int, total_mass: float = 1.0
       `diag(u) E diag(v)`, with one matrix–vector product each and no exp: why this is several times
       faster than a log-sum-exp per half-step. When the scalings would spread E's entries by more than
       `e^_DRIFT` (a small `ε`), the half-step is a log-domain one again. The result equals the pure
-      log-domain iteration to float32 rounding.
+      log-domain iteration to float32 rounding. That decision reads the scalings on the host, so the
+      scaling half-steps run only where that costs nothing (`SCALING_DEVICES`, the CPU) unless
+      `scaling` says otherwise; elsewhere every half-step is a log-domain one.
 
     Args:
         cost: `(..., n, m)`, a batch of cost matrices.
         epsilon: entropic regularisation `ε > 0`.
         n_iters: number of Sinkhorn iterations (OTTER uses 5).
         total_mass: the plan's sum; `n` makes its rows sum to 1 (OTTER's targets) without another pass.
+        scaling: use the scaling half-steps (True), never (False), or where they cost no host sync (None).
+        check_finite: raise on a NaN / Inf cost (a host sync); the training loop checks its loss instead.
     Returns:
         The plan `Q`, `(..., n, m)`, float32, summing to `total_mass` over its last two dims.
     """
@@ -93,7 +103,7 @@ def sinkhorn(cost: Tensor, epsilon: float, n_iters: int, total_mass: float = 1.0
     if n_iters < 1:
         raise ValueError(f"n_iters must be >= 1, got {n_iters}")
     cost = cost.float()
-    if not torch.isfinite(torch.stack(torch.aminmax(cost))).all():  # one pass; NaN propagates to both
+    if check_finite and not torch.isfinite(torch.stack(torch.aminmax(cost))).all():  # NaN reaches both
         raise ValueError("cost contains NaN or Inf")
     n, m = cost.shape[-2:]
     # Keyed by the dim a half-step sums over: -2 fits the columns (marginal 1/m, potential g, scaling v),
@@ -103,9 +113,11 @@ def sinkhorn(cost: Tensor, epsilon: float, n_iters: int, total_mass: float = 1.0
     scale: dict[int, Tensor | None] = {-1: None, -2: None}  # None: all ones
     spread = {-1: 0.0, -2: 0.0}  # of log u, log v
     plan = None  # E
+    if scaling is None:
+        scaling = cost.device.type in SCALING_DEVICES
     for step in range(2 * n_iters):
         dim, other = (-2, -1) if step % 2 == 0 else (-1, -2)
-        if plan is not None:  # try the cheap half-step: a new scaling from one matrix-vector product
+        if plan is not None and scaling:  # try the cheap half-step: a new scaling from one matrix-vector product
             new = _weighted_sums(plan, scale[other], dim).reciprocal_().mul_(marginal[dim])
             new_spread = _log_spread(new)
             if new_spread + spread[other] <= _DRIFT:  # False for inf / nan: a sum that underflowed
@@ -114,7 +126,8 @@ def sinkhorn(cost: Tensor, epsilon: float, n_iters: int, total_mass: float = 1.0
         potential = ref[other] if scale[other] is None else ref[other] + scale[other].log()
         ref[dim], plan, new = _log_half_step(cost, epsilon, potential, dim, marginal[dim])
         ref[other], scale[other], scale[dim] = potential, None, new
-        spread = {other: 0.0, dim: _log_spread(new)}
+        if scaling:
+            spread = {other: 0.0, dim: _log_spread(new)}
     plan.mul_(scale[-1].mul_(total_mass).unsqueeze(-1))  # the last half-step fitted the rows: u is set
     if scale[-2] is not None:
         plan.mul_(scale[-2].unsqueeze(-2))
@@ -158,6 +171,8 @@ def otter_targets(
     epsilon: float = LossConfig.ot_epsilon,
     n_iters: int = LossConfig.ot_iters,
     lam: float = LossConfig.ot_lambda,
+    *,
+    check_finite: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """OTTER's targets: row-normalised Sinkhorn plans over the teacher's similarities (docs/methods.md §4).
 
@@ -168,6 +183,7 @@ def otter_targets(
 
     Args:
         image_features, text_features: the teacher's normalised embeddings, `(B, D)`.
+        check_finite: raise on NaN / Inf similarities (a host sync; `sinkhorn`'s).
     Returns:
         `(Y_i2t, Y_t2i)`, each `(B, B)`, rows sum to 1.
     """
@@ -179,7 +195,7 @@ def otter_targets(
     torch.sub(negated, s_it, out=cost[0])
     torch.sub(negated, cost[1].copy_(s_it.T), out=cost[1])  # a transposing copy first: see kd_targets
     # The last half-step fits the rows exactly: a plan of total mass B is row-stochastic.
-    targets = sinkhorn(cost, epsilon, n_iters, total_mass=n)
+    targets = sinkhorn(cost, epsilon, n_iters, total_mass=n, check_finite=check_finite)
     return targets[0], targets[1]
 
 

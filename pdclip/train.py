@@ -17,6 +17,7 @@ resume exactly (`<out>/checkpoint_XXXXXX.pt`, `--resume latest|PATH`; see `pdcli
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import time
@@ -117,12 +118,14 @@ class Trainer:
                 "teacher_logit_scale": scale.float()}
 
     def method_output(self, out: dict, teacher: dict, batch: dict, images: torch.Tensor, alpha: float,
-                      generator: torch.Generator) -> MethodOutput:
-        """`method_loss` on the student's outputs `out` (features `(B_local, D)`, scales) for `batch`."""
+                      generator: torch.Generator, check_finite: bool = True) -> MethodOutput:
+        """`method_loss` on the student's outputs `out` (features `(B_local, D)`, scales) for `batch`;
+        `check_finite=False` leaves its value checks (host syncs) to `train_step`'s one read of the loss."""
         # Targets (softmax, Sinkhorn) run in float32 whatever the autocast dtype.
         return method_loss(self.cfg.loss, out["image_features"].float(), out["text_features"].float(),
                            out["logit_scale"].float(), logit_scale_soft=out["logit_scale_soft"].float(),
-                           alpha=alpha, generator=generator, **teacher, **self.positive_keys(batch, images))
+                           alpha=alpha, generator=generator, check_finite=check_finite, **teacher,
+                           **self.positive_keys(batch, images))
 
     def accumulate_gradients(self, batch: dict, alpha: float) -> tuple[MethodOutput, dict]:
         """Forward and backward of the whole rank's batch in `cfg.accum_freq` micro-batches, leaving in
@@ -162,15 +165,14 @@ class Trainer:
                 if cached is not None:
                     out.update({key: torch.cat([c[key] for c in cached[:j]] + [fresh[key]] +
                                                [c[key] for c in cached[j + 1:]]) for key in keys})
-                result = self.method_output(out, teacher, batch, images, alpha, self.generator)
-                self.check_finite(result.loss)
+                result = self.method_output(out, teacher, batch, images, alpha, self.generator, check_finite=False)
                 self.scaler.scale(result.loss).backward()
         return result, out
 
-    def check_finite(self, loss: torch.Tensor) -> None:
-        if not torch.isfinite(loss):
+    def check_finite(self, loss: float) -> None:
+        if not math.isfinite(loss):
             kept = f"{self.files.checkpoint} (step {self.saved_step})" if self.saved_step else "no checkpoint yet"
-            raise NonFiniteLossError(f"loss is {loss.item()} at step {self.step + 1}; stopped before the update. "
+            raise NonFiniteLossError(f"loss is {loss} at step {self.step + 1}; stopped before the update. "
                                      f"Last good checkpoint: {kept}. Try a lower --lr, --precision=fp32 or check the data.")
 
     def positive_keys(self, batch: dict, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -217,6 +219,12 @@ class Trainer:
             self.teacher.update(self.model)  # before the student's forward (OTTER's order)
         self.optimizer.zero_grad(set_to_none=True)
         result, out = self.accumulate_gradients(batch, alpha)
+        # The step's one host sync: every logged scalar read in one copy, the loss's finiteness checked
+        # on it before the update (each `.item()` would stall an accelerator's queue once more).
+        scalars = {**{k: v for k, v in result.parts.items() if isinstance(v, torch.Tensor)},
+                   "loss": result.loss.detach(), **{name: out[name].detach() for name in SCALES}}
+        values = dict(zip(scalars, torch.stack([v.float() for v in scalars.values()]).tolist(), strict=True))
+        self.check_finite(values["loss"])
         if cfg.grad_clip:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
@@ -224,8 +232,7 @@ class Trainer:
         self.scaler.update()
         self.model.clamp_scales_()
         self.step += 1
-        return {"step": self.step, **result.parts, "alpha": alpha, "lr": lr,
-                "logit_scale": out["logit_scale"].item(), "logit_scale_soft": out["logit_scale_soft"].item()}
+        return {"step": self.step, **result.parts, **values, "alpha": alpha, "lr": lr}
 
     def alpha(self, step: int) -> float:
         loss = self.cfg.loss

@@ -181,7 +181,8 @@ def test_method_loss_runs_and_reports_parts(features, method):
     out.loss.backward()
     assert torch.isfinite(out.loss) and img.grad is not None
     assert out.logits.shape == out.targets_i2t.shape == (B, B) and not out.logits.requires_grad
-    assert out.parts["loss"] == pytest.approx(out.loss.item())
+    assert out.parts["loss"].item() == pytest.approx(out.loss.item())  # detached: read when logged
+    assert not out.parts["loss"].requires_grad
 
 
 def test_clip_method_equals_clip_loss(features):

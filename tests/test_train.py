@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import pdclip.train
-from pdclip.checkpoint import load_checkpoint, read_checkpoint
+from pdclip.checkpoint import RunFiles, load_checkpoint, read_checkpoint
 from pdclip.config import CONFIG_DIR, METHODS, TrainConfig, load_config, parse_cli
 from pdclip.methods import method_loss
 from pdclip.train import NonFiniteLossError, fit, main
@@ -117,3 +117,44 @@ def test_cli_overrides_and_shipped_configs():
     for path in CONFIG_DIR.glob("*.json"):
         assert load_config(path.stem) == TrainConfig.from_dict(json.loads(path.read_text()))
     assert load_config("otter_rn50_cc3m").optimizer == "sgd"
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the reads of a tensor's value on the host: `.item()`, `bool(t)`, `float(t)` (each an
+    `aten::_local_scalar_dense`) and `.tolist()` (a direct read on a CPU, so counted by a wrapper). On an
+    accelerator each is a sync that waits for the queue to drain; on a CPU the same calls, only free."""
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.count = 0
+        tolist = torch.Tensor.tolist
+
+        def counted(t):
+            self.count += 1
+            return tolist(t)
+
+        monkeypatch.setattr(torch.Tensor, "tolist", counted)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("accum_freq", [1, 2])
+def test_a_training_step_reads_the_device_once(tmp_path, monkeypatch, method, accum_freq):
+    """One host sync per step (the metrics record and the loss's finiteness, read together), on the path
+    an accelerator takes: Sinkhorn's scaling half-steps, which read the host each, run only on a CPU."""
+    import pdclip.targets
+
+    monkeypatch.setattr(pdclip.targets, "SCALING_DEVICES", ())
+    trainer = pdclip.train.Trainer(tiny(tmp_path, method=method, accum_freq=accum_freq, snapshot_every=0))
+    try:
+        trainer.train_step(next(trainer.batches))  # first step: lazy set-up is not the loop's cost
+        batch = next(trainer.batches)  # the data loader's work is not the step's
+        with _HostReads(monkeypatch) as reads:
+            record = trainer.train_step(batch)
+    finally:
+        RunFiles.close_started()  # what fit does: train.log's tee off stdout
+    assert reads.count == 1, f"{method}: {reads.count} host reads in one step"
+    assert all(isinstance(v, int | float) for v in record.values()), record
