@@ -292,3 +292,14 @@ def test_defaults_are_the_configs():
     for fn, defaults in expected.items():
         params = inspect.signature(fn).parameters
         assert {k: params[k].default for k in defaults} == defaults, fn.__qualname__
+
+
+@pytest.mark.parametrize("epsilon", [0.01, 0.15])
+def test_sinkhorn_without_scaling_steps_is_the_log_domain_iteration(epsilon):
+    """What an accelerator runs (every half-step in the log domain, no host reads) equals the plain
+    iteration and the CPU's scaling path."""
+    cost = torch.rand(2, 20, 20, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    log_only = sinkhorn(cost, epsilon, 8, scaling=False).double()
+    for i in range(2):
+        torch.testing.assert_close(log_only[i], plain_log_sinkhorn(cost[i], epsilon, 8), rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(log_only, sinkhorn(cost, epsilon, 8, scaling=True).double(), rtol=1e-4, atol=1e-9)
