@@ -23,7 +23,8 @@ from pdclip.config import LossConfig
 from pdclip.methods import method_loss
 from pdclip.targets import sinkhorn
 
-# What is timed: every method, and PSD with each kind of teacher ("psd" is the free "self" teacher).
+# What is timed: every method, PSD with each kind of teacher ("psd" is the free "self" teacher), and the
+# plain losses' speed paths.
 VARIANTS = {
     "clip": LossConfig(method="clip"),
     "ls": LossConfig(method="ls"),
@@ -32,6 +33,10 @@ VARIANTS = {
     "psd-intra": LossConfig(method="psd", psd_teacher="intra"),
     "psd-ema": LossConfig(method="psd", psd_teacher="ema"),
     "otter": LossConfig(method="otter"),
+    # The speed paths (`fast_loss`, pdclip.fast), each beside its plain default above.
+    "clip-fast": LossConfig(method="clip", fast_loss=True),
+    "psd-fast": LossConfig(method="psd", psd_teacher="self", fast_loss=True),
+    "otter-fast": LossConfig(method="otter", fast_loss=True),
 }
 
 

@@ -67,6 +67,9 @@ class LossConfig:
     # also right for image i; every method's hard targets (and the soft mass mixed into them) use it.
     multi_positive: bool = False
     positive_images: bool = False  # with multi_positive: identical images (same bytes) count too
+    # The losses' speed paths (pdclip.fast: transposed copies, PSD's closed-form gradient): the same values
+    # and gradients as the plain definitions the notebooks teach (tested), cheaper on a CPU at large B.
+    fast_loss: bool = False
 
     def __post_init__(self) -> None:
         check_choices(self)

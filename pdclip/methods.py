@@ -15,10 +15,10 @@ from torch import Tensor
 
 from pdclip.config import LossConfig
 from pdclip.distributed import gather_features
+from pdclip.fast import fast_symmetric_hard_ce, fast_symmetric_soft_ce, symmetric_identity_soft_rows_ce
 from pdclip.losses import (
     check_feature_pair,
     symmetric_hard_ce,
-    symmetric_identity_soft_rows_ce,
     symmetric_soft_ce,
 )
 from pdclip.positives import positive_targets
@@ -101,35 +101,39 @@ def method_loss(
     n, device = logits.shape[0], logits.device
     parts: dict[str, Tensor | float] = {}
     # Without multi-positive targets the hard targets are `I`, and no loss builds it: CLIP (and KD's and
-    # OTTER's hard half) take integer labels, PSD's loss its few soft rows (`identity_soft_rows_ce`).
+    # OTTER's hard half) take integer labels.
     hard = hard_targets(cfg, device, caption_keys, image_keys)
+    # The plain definitions (pdclip.losses) unless cfg.fast_loss asks for their speed paths (pdclip.fast).
+    soft_ce, hard_ce = (fast_symmetric_soft_ce, fast_symmetric_hard_ce) if cfg.fast_loss else (
+        symmetric_soft_ce, symmetric_hard_ce)
 
     def identity() -> tuple[Tensor, Tensor]:
         return identity_targets(n, device), identity_targets(n, device)
 
     if cfg.method == "clip":
-        loss = _hard_ce(logits, hard)
+        loss = hard_ce(logits) if hard is None else soft_ce(logits, hard, hard)
         make_targets = identity if hard is None else _known(hard, hard)
     elif cfg.method == "ls":
         y = label_smoothing_targets(n, cfg.ls_epsilon, device, hard=hard)
-        loss, make_targets = symmetric_soft_ce(logits, y, y), _known(y, y)
+        loss, make_targets = soft_ce(logits, y, y), _known(y, y)
     elif cfg.method == "psd":
         teacher_logits = psd_teacher_logits(cfg.psd_teacher, logits, img, txt, logit_scale, teacher_image_features,
                                             teacher_text_features, teacher_logit_scale)
         chosen = psd_subset(n, cfg.psd_subset, generator, device)
-        # The self teacher at T = 1 predicts softmax(s), the loss's own softmax: the loss reuses it, and
-        # its soft rows are built only if a snapshot asks for the targets.
-        own = cfg.psd_teacher == "self" and cfg.psd_temperature == 1
+        # The self teacher at T = 1 predicts softmax(s), the loss's own softmax: the fast loss reuses it,
+        # and its soft rows are built only if a snapshot asks for the targets.
+        fast = cfg.fast_loss and hard is None  # CE(s, Y) from its closed-form gradient, no (B, B) Y
+        own = fast and cfg.psd_teacher == "self" and cfg.psd_temperature == 1
         soft = None if own else psd_soft_rows(teacher_logits, chosen, cfg.psd_temperature)
 
         def make_targets() -> tuple[Tensor, Tensor]:
             return psd_mix(chosen, *(soft or psd_soft_rows(teacher_logits, chosen, cfg.psd_temperature)), alpha, hard)
 
-        if hard is None:
+        if fast:
             p_i2t, p_t2i = soft or (None, None)
             loss = symmetric_identity_soft_rows_ce(logits, chosen, p_i2t, p_t2i, alpha)
-        else:
-            loss = symmetric_soft_ce(logits, *make_targets())
+        else:  # PSD as its definition: CE(s, Y) with Y = (1 - α) I + α P on the chosen rows
+            loss = soft_ce(logits, *make_targets())
         parts["alpha"] = float(alpha)
     else:  # kd, otter: L = a L_clip(t_c) + (1 - a) L_soft(Y, t_s)
         t_img, t_txt = _gathered_teacher(teacher_image_features, teacher_text_features)
@@ -138,20 +142,15 @@ def method_loss(
         else:
             y_i2t, y_t2i = otter_targets(t_img, t_txt, cfg.ot_epsilon, cfg.ot_iters, cfg.ot_lambda,
                                          check_finite=check_finite)
-        loss_clip = _hard_ce(logits, hard)
+        loss_clip = hard_ce(logits) if hard is None else soft_ce(logits, hard, hard)
         scale_soft = logit_scale if logit_scale_soft is None else logit_scale_soft
-        loss_soft = symmetric_soft_ce(scale_soft * similarity, y_i2t, y_t2i)
+        loss_soft = soft_ce(scale_soft * similarity, y_i2t, y_t2i)
         loss = cfg.mix_alpha * loss_clip + (1 - cfg.mix_alpha) * loss_soft
         parts.update(loss_clip=loss_clip.detach(), loss_soft=loss_soft.detach())
         make_targets = _known(y_i2t, y_t2i)
 
     parts["loss"] = loss.detach()
     return MethodOutput(loss, parts, logits.detach(), make_targets)
-
-
-def _hard_ce(logits: Tensor, hard: Tensor | None) -> Tensor:
-    """CLIP's symmetric loss against `hard` targets, `I` when None (integer labels, no `(B, B)` matrix)."""
-    return symmetric_hard_ce(logits) if hard is None else symmetric_soft_ce(logits, hard, hard)
 
 
 def _known(y_i2t: Tensor, y_t2i: Tensor) -> Callable[[], tuple[Tensor, Tensor]]:

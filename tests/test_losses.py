@@ -2,7 +2,16 @@ import pytest
 import torch
 from open_clip.loss import ClipLoss
 
-from pdclip.losses import clip_loss, identity_soft_rows_ce, soft_clip_loss, soft_cross_entropy, transposed
+from pdclip.config import METHODS, LossConfig
+from pdclip.fast import fast_symmetric_hard_ce, fast_symmetric_soft_ce, identity_soft_rows_ce, transposed
+from pdclip.losses import (
+    clip_loss,
+    soft_clip_loss,
+    soft_cross_entropy,
+    symmetric_hard_ce,
+    symmetric_soft_ce,
+)
+from pdclip.methods import method_loss
 from pdclip.targets import identity_targets
 
 
@@ -113,3 +122,32 @@ def test_transposed_is_a_contiguous_transpose_with_the_same_gradient():
     grad, = torch.autograd.grad((weights * y).sum(), x)
     assert grad.is_contiguous() and torch.equal(grad, weights.T)
     assert torch.autograd.gradcheck(transposed, (x,))
+
+
+def test_fast_symmetric_losses_equal_the_plain_ones():
+    g = torch.Generator().manual_seed(3)
+    logits = (5 * torch.randn(9, 9, generator=g, dtype=torch.float64)).requires_grad_()
+    y_i2t, y_t2i = (torch.randn(9, 9, generator=g, dtype=torch.float64).softmax(-1) for _ in range(2))
+    for fast, plain in ((fast_symmetric_hard_ce(logits), symmetric_hard_ce(logits)),
+                        (fast_symmetric_soft_ce(logits, y_i2t, y_t2i), symmetric_soft_ce(logits, y_i2t, y_t2i))):
+        torch.testing.assert_close(fast, plain)
+        torch.testing.assert_close(torch.autograd.grad(fast, logits)[0], torch.autograd.grad(plain, logits)[0])
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("variant", [{}, {"psd_teacher": "self"}, {"multi_positive": True}])
+def test_fast_loss_is_the_plain_loss_for_every_method(features, method, variant):
+    """`LossConfig.fast_loss` changes the arithmetic, not the loss: the same value and gradients."""
+    img, txt = features(12)
+    t_img, t_txt = features(12, seed=1)
+    keys = {"caption_keys": torch.tensor([0, 1, 2, 0, 3, 4, 5, 6, 7, 8, 9, 1])} if variant.get("multi_positive") else {}
+    results = []
+    for fast in (False, True):
+        u, v, t = img.clone().requires_grad_(), txt.clone().requires_grad_(), torch.tensor(12.0, requires_grad=True)
+        out = method_loss(LossConfig(method=method, fast_loss=fast, **variant), u, v, t,
+                          logit_scale_soft=torch.tensor(20.0), teacher_image_features=t_img,
+                          teacher_text_features=t_txt, teacher_logit_scale=torch.tensor(10.0), alpha=0.4,
+                          generator=torch.Generator().manual_seed(0), **keys)
+        results.append((out.loss.detach(), *torch.autograd.grad(out.loss, (u, v, t))))
+    for plain, fast in zip(*results, strict=True):
+        torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
