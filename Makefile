@@ -31,7 +31,7 @@ test: setup clipart lint
 	$(PY) -m pytest -q
 
 tutorial: setup clipart
-	$(PY) -m pdclip.tutorial --out outputs $(TUTORIAL_FLAGS)
+	$(PY) -m tools.tutorial --out outputs $(TUTORIAL_FLAGS)
 
 benchmarks: setup
 	for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -34,7 +34,7 @@ def pytest_terminal_summary(terminalreporter):
 
     SMOKE_PEAKS = getattr(sys.modules.get("test_notebooks"), "SMOKE_PEAKS", None)
     if SMOKE_PEAKS:
-        from pdclip.tutorial import MEMORY_LIMIT_MB, margin
+        from tools.tutorial import MEMORY_LIMIT_MB, margin
 
         worst = max(SMOKE_PEAKS, key=SMOKE_PEAKS.get)
         rows = ", ".join(f"{name[:2]} {peak:.0f}" for name, peak in SMOKE_PEAKS.items())

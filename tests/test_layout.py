@@ -62,3 +62,17 @@ def test_caches_live_in_the_checkout_or_the_users_cache_never_in_site_packages(t
     monkeypatch.setenv("PDCLIP_CACHE", str(tmp_path / "mine"))
     assert cache_dir("openclipart", installed / "pdclip") == tmp_path / "mine" / "openclipart"
     assert cache_dir("openclipart") == tmp_path / "mine" / "openclipart"  # this checkout too
+
+
+def test_the_library_does_not_import_the_repository_tooling():
+    """tools/ (the tutorial runner, the course renderer) is repository tooling, not installed with pdclip:
+    no module under pdclip/ may import it."""
+    assert not (ROOT / "pdclip" / "tutorial.py").exists() and not (ROOT / "pdclip" / "render.py").exists()
+    assert {"tutorial.py", "render.py"} <= {p.name for p in (ROOT / "tools").glob("*.py")}
+    offenders = []
+    for path in ROOT.glob("pdclip/**/*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n == "tools" or n.startswith("tools.")]
+    assert not offenders, f"pdclip imports the repository's tools/: {offenders}"

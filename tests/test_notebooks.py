@@ -12,8 +12,8 @@ import nbformat
 import pytest
 
 from pdclip.data.clipart import DEFAULT_ROOT, cache_paths
-from pdclip.render import REPO_ROOT, page_problems, render_notebook
-from pdclip.tutorial import MEMORY_LIMIT_MB, NOTEBOOK_DIR, margin, run_notebook
+from tools.render import REPO_ROOT, page_problems, render_notebook
+from tools.tutorial import MEMORY_LIMIT_MB, NOTEBOOK_DIR, margin, run_notebook
 
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
 CLIPART_READY = cache_paths(NOTEBOOK_DIR.parent / DEFAULT_ROOT, 64)[0].exists()
@@ -119,7 +119,7 @@ def test_binder_environment_is_the_projects():
 
 
 def test_summary_lists_runs_and_tables(tmp_path):
-    from pdclip.tutorial import RunResult, write_summary
+    from tools.tutorial import RunResult, write_summary
 
     (tmp_path / "08_x.png").write_bytes(b"")
     runs = [RunResult("08_x", tmp_path / "08_x.ipynb", 1.5, 900.0, None,
@@ -141,7 +141,7 @@ def test_kernel_memory_counts_a_childs_anonymous_memory_not_its_libraries():
     import subprocess
     import sys
 
-    from pdclip.tutorial import KernelMemory
+    from tools.tutorial import KernelMemory
 
     code = ("import json, re, time, torch\n"
             "def rss():\n"
@@ -164,7 +164,7 @@ def test_kernel_memory_counts_a_childs_anonymous_memory_not_its_libraries():
 
 
 def test_notebook_imports_are_the_module_level_import_lines(tmp_path):
-    from pdclip.tutorial import notebook_imports
+    from tools.tutorial import notebook_imports
 
     nb = nbformat.v4.new_notebook(cells=[
         nbformat.v4.new_code_cell("import sys\nif 'google.colab' in sys.modules:\n    %pip install x\n    import y"),

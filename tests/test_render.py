@@ -11,7 +11,7 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
-from pdclip.render import REPO_URL, render_course
+from tools.render import REPO_URL, render_course
 
 NAMES = ("00_first", "01_second")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
@@ -116,7 +116,7 @@ NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 def test_every_hint_stays_inside_its_details(path):
     """The committed notebooks' hints are Markdown with blank lines inside `<details>` (as Jupyter, Colab
     and GitHub show them); each rendered page keeps every hint inside its closed `<details>`."""
-    from pdclip.render import page_problems, render_notebook
+    from tools.render import page_problems, render_notebook
 
     nb = nbformat.read(path, as_version=4)
     hints = [c.source.count("<details>") for c in nb.cells if c.cell_type == "markdown"]
@@ -138,7 +138,7 @@ def _executed(tmp_path, outputs) -> Path:
 
 
 def test_page_problems_finds_stderr_bare_integers_spilled_hints_and_absolute_paths(tmp_path):
-    from pdclip.render import REPO_ROOT, page_problems, render_notebook
+    from tools.render import REPO_ROOT, page_problems, render_notebook
 
     clean = _executed(tmp_path, [new_output("execute_result", data={"text/plain": "0.5"}, execution_count=1),
                                  new_output("stream", name="stdout", text="R@1 0.42 (chance 0.06)\n")])
@@ -156,7 +156,7 @@ def test_page_problems_finds_stderr_bare_integers_spilled_hints_and_absolute_pat
 
 
 def test_pages_show_no_absolute_paths(tmp_path):
-    from pdclip.render import REPO_ROOT, render_notebook
+    from tools.render import REPO_ROOT, render_notebook
 
     text = f"results in {tmp_path}/00_t.json; cache {REPO_ROOT}/.cache/features/a.npy\n"
     page = render_notebook(_executed(tmp_path, [new_output("stream", name="stdout", text=text)]))

@@ -2,8 +2,8 @@
 
 import pytest
 
-from pdclip import tutorial
-from pdclip.tutorial import MEMORY_LIMIT_MB, TUTORIAL, RunResult
+from tools import tutorial
+from tools.tutorial import MEMORY_LIMIT_MB, TUTORIAL, RunResult
 
 
 @pytest.fixture

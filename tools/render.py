@@ -1,7 +1,7 @@
 """Render executed notebooks as a small static course: one self-contained HTML page each, plus an index.
 
-`python -m pdclip.render outputs` turns every executed `NN_*.ipynb` in `outputs/` (what
-`python -m pdclip.tutorial --out outputs` writes) into `outputs/NN_*.html` and writes
+`python -m tools.render outputs` turns every executed `NN_*.ipynb` in `outputs/` (what
+`python -m tools.tutorial --out outputs` writes) into `outputs/NN_*.html` and writes
 `outputs/index.html`, which links every page in order. Open `index.html` in a browser; nothing else is
 needed, offline included.
 

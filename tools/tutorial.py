@@ -1,10 +1,10 @@
 """Run the tutorial: execute notebooks 00–09 with papermill, measure each, write `summary.md`.
 
-`python -m pdclip.tutorial --out outputs` (what `make tutorial` runs) executes every notebook in a fresh
-process, prints its wall time and the memory of its kernel, and writes `outputs/summary.md`: the
-per-notebook measurements, each notebook's headline results (from the small JSON it writes to its
-`out_dir`) and links to the figures. `--smoke` passes `smoke=True` (what `tests/test_notebooks.py` does);
-09 (CC3M, sized for a GPU) always runs at smoke size here.
+`python -m tools.tutorial --out outputs`, from the repository root (what `make tutorial` runs), executes
+every notebook in a fresh process, prints its wall time and the memory of its kernel, and writes
+`outputs/summary.md`: the per-notebook measurements, each notebook's headline results (from the small
+JSON it writes to its `out_dir`) and links to the figures. `--smoke` passes `smoke=True` (what
+`tests/test_notebooks.py` does); 09 (CC3M, sized for a GPU) always runs at smoke size here.
 
 Limits. A notebook over the memory limit fails the run, everywhere: past it Binder restarts the
 kernel. Time is a property of the machine as much as of the course (one fresh-clone run on a busy
@@ -39,9 +39,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pdclip.render import render_course
+from tools.render import render_course
 
-NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+REPO_ROOT = Path(__file__).resolve().parent.parent  # tools/ sits at the top of the checkout
+NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 TUTORIAL = tuple(f"{i:02d}" for i in range(10))  # 00–09
 ALWAYS_SMOKE = ("09",)  # CC3M-sized for a GPU: on a CPU its smoke size is the whole lesson
 MEMORY_LIMIT_MB = 1536  # per notebook: mybinder.org guarantees 1 GB and restarts a kernel past 2 GB
@@ -131,8 +132,10 @@ def notebook_imports(notebook: Path) -> str:
 def imports_mb(notebook: Path) -> float:
     """Unreclaimable memory of a bare interpreter after ipykernel and the notebook's own imports:
     the floor every cell of the notebook starts from."""
+    # tools/ is not installed: the child finds it in the checkout (put on its path after the imports measured).
     code = ("import ipykernel.kernelapp\n" + notebook_imports(notebook)
-            + "\nfrom pdclip.tutorial import unreclaimable_mb; import os; print(unreclaimable_mb(os.getpid()))")
+            + f"\nimport sys; sys.path.insert(0, {str(REPO_ROOT)!r})"
+            + "\nfrom tools.tutorial import unreclaimable_mb; import os; print(unreclaimable_mb(os.getpid()))")
     done = subprocess.run([sys.executable, "-c", code], cwd=notebook.parent, capture_output=True, text=True,
                           env={**os.environ, "MPLBACKEND": "Agg"})
     if done.returncode != 0:
