@@ -13,7 +13,7 @@ import torch
 
 from pdclip.data import build_dataset
 from pdclip.data.scenes import render
-from pdclip.data.shards import write_shards
+from pdclip.data.shard_writer import write_shards
 
 
 def rate(fn, n: int) -> float:

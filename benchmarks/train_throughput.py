@@ -35,7 +35,7 @@ from loss_overhead import VARIANTS, interleaved_medians
 
 from pdclip.config import TrainConfig
 from pdclip.data import build_dataset
-from pdclip.data.shards import write_shards
+from pdclip.data.shard_writer import write_shards
 from pdclip.models import CONFIG_DIR
 from pdclip.train import Trainer
 

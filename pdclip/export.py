@@ -35,8 +35,9 @@ from torch import Tensor, nn
 from pdclip.checkpoint import load_checkpoint
 from pdclip.config import TrainConfig
 from pdclip.data.transforms import MEAN, STD
-from pdclip.models import DualEncoder, PretrainedImageTower, SentenceEncoderText, register_model_configs
-from pdclip.towers import BACKBONE_MEAN, BACKBONE_STD, tower_spec
+from pdclip.models import DualEncoder, register_model_configs
+from pdclip.text_tower import SentenceEncoderText
+from pdclip.towers import BACKBONE_MEAN, BACKBONE_STD, PretrainedImageTower, tower_spec
 
 CONFIG_FILE, WEIGHTS_FILE = "open_clip_config.json", "open_clip_pytorch_model.bin"  # what local-dir: reads
 __all__ = ["export", "NotExportable", "main"]

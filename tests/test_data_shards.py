@@ -11,7 +11,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from pdclip.data import build_dataset, collate
-from pdclip.data.shards import expand_urls, is_safe, write_shards
+from pdclip.data.shard_writer import write_shards
+from pdclip.data.shards import expand_urls, is_safe
 
 
 @pytest.fixture(scope="module")

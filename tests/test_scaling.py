@@ -18,7 +18,8 @@ import torch
 from pdclip.checkpoint import load_checkpoint
 from pdclip.config import TrainConfig
 from pdclip.data import build_dataset
-from pdclip.data.shards import is_complete_shard, require_shards, write_shards
+from pdclip.data.shard_writer import write_shards
+from pdclip.data.shards import is_complete_shard, require_shards
 from pdclip.evaluate import evaluate_model
 from pdclip.features import CachedFeatures, FeatureCacheError, HeadsOnly
 from pdclip.models import create_model

@@ -10,7 +10,8 @@ from sklearn.datasets import load_sample_image
 from pdclip import towers
 from pdclip.config import TrainConfig
 from pdclip.data.transforms import image_transform
-from pdclip.models import SentenceEncoderText, create_model
+from pdclip.models import create_model
+from pdclip.text_tower import SentenceEncoderText
 from pdclip.towers import IMAGE_TOWERS, ImageBackbone, TowerSpec, load_weights, map_state_dict, weights_path
 from pdclip.train import make_optimizer
 

@@ -52,7 +52,7 @@ def torchrun(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess
 @pytest.mark.slow
 def test_two_ranks_on_uneven_shards_agree_on_epochs_and_fail_fast_without_shards(tmp_path):
     from pdclip.data import build_dataset
-    from pdclip.data.shards import write_shards
+    from pdclip.data.shard_writer import write_shards
 
     # 28 pairs as shards of 8, 8, 8 and 4: whichever rank holds the short one runs out after 3 batches of 4,
     # and then both ranks start the next epoch (a rank going on alone would desynchronise the global batch).
