@@ -42,9 +42,9 @@ from pdclip.features.heads import HeadsOnly
 from pdclip.methods import MethodOutput, method_loss
 from pdclip.models import load_trainable_state, model_from_config, trainable_state
 from pdclip.positives import caption_keys, image_keys
+from pdclip.run_setup import EvalFn, autocast_dtype, default_eval_fn, make_optimizer, pick_device
 from pdclip.runtime import cpu_threads
 from pdclip.schedules import lr_at, psd_alpha
-from pdclip.setup import EvalFn, autocast_dtype, default_eval_fn, make_optimizer, pick_device
 from pdclip.teacher import make_teacher
 
 log = logging.getLogger("pdclip.train")  # not __name__: under `python -m` that is "__main__", outside pdclip's loggers
