@@ -1,4 +1,5 @@
-"""The one place that gathers features across ranks (docs/methods.md: `B` is the *global* batch).
+"""The ranks of a run: `init_distributed` joins the process group `torchrun` describes, `world` reads it,
+and this is the one place that gathers features across ranks (docs/methods.md: `B` is the *global* batch).
 
 The student's features are gathered *with* gradient (`torch.distributed.nn.all_gather`, whose
 backward sums the gradients of every rank's loss into the local slice), so each rank can compute
@@ -8,6 +9,8 @@ of samples (use `drop_last=True`).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.distributed as dist
@@ -32,3 +35,16 @@ def gather_features(x: Tensor, with_grad: bool) -> Tensor:
     parts = [torch.empty_like(x) for _ in range(world_size)]
     dist.all_gather(parts, x.detach().contiguous())
     return torch.cat(parts, dim=0)
+
+
+def init_distributed() -> bool:
+    """Join the process group `torchrun` describes (NCCL on GPUs, gloo on CPUs); True if we created it."""
+    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return False
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
+def _gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate a small tensor from every rank, in rank order (the order `method_loss` gathers)."""
+    return gather_features(x, with_grad=False).cpu()

@@ -14,7 +14,8 @@ import torch
 
 from pdclip import evaluate
 from pdclip.checkpoint import latest_checkpoint, numbered_checkpoints, read_checkpoint
-from pdclip.config import CHOICES, LossConfig, TrainConfig, cli_help, field_docs, parse_cli
+from pdclip.cli import cli_help, field_docs, parse_cli
+from pdclip.config import CHOICES, LossConfig, TrainConfig
 from pdclip.train import fit, main
 
 

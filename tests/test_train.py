@@ -8,7 +8,8 @@ import torch
 
 import pdclip.train
 from pdclip.checkpoint import RunFiles, load_checkpoint, read_checkpoint
-from pdclip.config import CONFIG_DIR, METHODS, TrainConfig, load_config, parse_cli
+from pdclip.cli import parse_cli
+from pdclip.config import CONFIG_DIR, METHODS, TrainConfig, load_config
 from pdclip.methods import method_loss
 from pdclip.train import NonFiniteLossError, fit, main
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pdclip.checkpoint import read_checkpoint
-from pdclip.config import parse_cli
+from pdclip.cli import parse_cli
 from pdclip.train import fit
 
 # OTTER: soft targets (Sinkhorn) on the global batch, an EMA teacher and two temperatures.
