@@ -76,3 +76,11 @@ def test_the_library_does_not_import_the_repository_tooling():
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
             offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n == "tools" or n.startswith("tools.")]
     assert not offenders, f"pdclip imports the repository's tools/: {offenders}"
+
+
+def test_every_module_fits_in_a_readers_head():
+    """About 350 lines at most (nanoGPT's model.py is ~330): past that a module holds two concepts."""
+    sizes = {str(p.relative_to(ROOT)): len(p.read_text(encoding="utf-8").splitlines())
+             for p in [*ROOT.glob("pdclip/**/*.py"), *ROOT.glob("tools/*.py")]}
+    assert len(sizes) > 30
+    assert {name: n for name, n in sizes.items() if n > 375} == {}
