@@ -65,7 +65,7 @@ def subset_indices(n: int, max_samples: int | None) -> Tensor:
 @torch.no_grad()
 def encode_texts(model, texts: list[str], device: str | torch.device, batch_size: int) -> Tensor:
     """`(T, D)` normalised text features of `texts`, on the CPU."""
-    chunks = [model.encode_text(model.tokenize(texts[s : s + batch_size]).to(device)).float().cpu()
+    chunks = [model.encode_text(model.text_inputs(texts[s : s + batch_size]).to(device)).float().cpu()
               for s in range(0, len(texts), batch_size)]
     return torch.cat(chunks)
 
@@ -93,7 +93,8 @@ def compute_features(model, dataset: Dataset, *, device: str | torch.device = "c
     else each sample's own caption.
 
     Args:
-        model: exposes `encode_image`, `tokenize`, `encode_text`; put in eval mode by the caller.
+        model: the encoder interface of `pdclip.models.DualEncoder` (`image_inputs`, `text_inputs`,
+            `encode_image`, `encode_text`), which `HeadsOnly` shares; put in eval mode by the caller.
         dataset: map-style or iterable; samples `{"image", "text", "index"(, "label")}`; or cached
             backbone features (`CachedFeatures`, with `pdclip.features.HeadsOnly` as the model).
         max_samples: evaluate on at most this many samples (evenly spaced for map-style datasets).
@@ -101,7 +102,7 @@ def compute_features(model, dataset: Dataset, *, device: str | torch.device = "c
     indices = None if isinstance(dataset, IterableDataset) else subset_indices(len(dataset), max_samples)
     images, seen, labels, own_texts = [], [], [], []
     for batch in sample_batches(dataset, indices, batch_size, max_samples):
-        images.append(model.encode_image(batch["image_raw" if "image_raw" in batch else "image"].to(device)).float().cpu())
+        images.append(model.encode_image(model.image_inputs(batch).to(device)).float().cpu())
         seen.append(batch["index"])
         labels.append(batch.get("label"))
         own_texts += batch["text"]
@@ -165,7 +166,8 @@ def evaluate_model(
     `datasets` holds "train", "val" and "test" with labels: fit on train, C chosen on val.
 
     Args:
-        model: exposes `encode_image`, `tokenize`, `encode_text`; its train/eval mode is restored.
+        model: the encoder interface (`image_inputs`, `text_inputs`, `encode_image`, `encode_text`); its
+            train/eval mode is restored.
         datasets: name -> dataset, e.g. `{"val": ..., "test": ..., "shift": ...}`.
         max_samples: at most this many samples per dataset (keeps periodic evaluation cheap).
 

@@ -67,6 +67,20 @@ class DualEncoder(nn.Module):
         """Token ids `(B, L)` for a list of captions (on the CPU)."""
         return self.tokenizer(list(texts))
 
+    # The encoder interface the training loop and `pdclip.evaluate` use, which `HeadsOnly` (cached
+    # backbone features) satisfies too: neither ever asks which of the two it runs.
+    def image_inputs(self, batch: dict) -> Tensor:
+        """What `encode_image` takes from a collated batch: its images `(B, 3, H, W)`."""
+        return batch["image"]
+
+    def text_inputs(self, texts: list[str]) -> Tensor:
+        """What `encode_text` takes for these captions: token ids `(B, L)`."""
+        return self.tokenize(texts)
+
+    def inputs(self, batch: dict) -> tuple[Tensor, Tensor]:
+        """What `forward` takes for a collated batch: its images and its captions' token ids."""
+        return self.image_inputs(batch), self.text_inputs(batch["text"])
+
     def encode_image(self, images: Tensor) -> Tensor:
         """`(B, 3, H, W)` -> L2-normalised `(B, D)`."""
         return F.normalize(self.visual(images), dim=-1)

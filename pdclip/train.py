@@ -200,10 +200,7 @@ class Trainer:
     def inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """What the towers take, on the device: images `(B, 3, H, W)` and token ids `(B, L)`, or with
         the feature cache the backbones' outputs `(B, F)` and `(B, F_t)`."""
-        if self.cfg.feature_cache:
-            images, tokens = batch["image_raw"], batch["text_raw"]
-        else:
-            images, tokens = batch["image"], self.model.tokenize(batch["text"])
+        images, tokens = self.student.inputs(batch)
         return images.to(self.device, non_blocking=True), tokens.to(self.device, non_blocking=True)
 
     def train_step(self, batch: dict) -> dict[str, float]:

@@ -31,7 +31,10 @@ class OracleModel(nn.Module):
         i = images[:, 0, 0, 0].long()
         return self.features(i, i % N_CLASSES)
 
-    def tokenize(self, texts: list[str]) -> Tensor:
+    def image_inputs(self, batch: dict) -> Tensor:
+        return batch["image"]
+
+    def text_inputs(self, texts: list[str]) -> Tensor:
         # "item 7" / "thing 7" -> 7; a class prompt "a c2" / "the c2" -> n + 2
         return torch.tensor([int(t.split()[-1]) if t.split()[-1].isdigit() else self.n + int(t[-1]) for t in texts])
 

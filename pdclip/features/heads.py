@@ -17,14 +17,14 @@ from pdclip.features.extract import _backbone_chunks, backbones
 class HeadsOnly(nn.Module):
     """A dual encoder with frozen backbones, seen through its heads: it takes backbone features.
 
-    The interface of `pdclip.models.DualEncoder` (`tokenize`, `encode_image`, `encode_text`,
-    `forward`, `scales`, `image_size`), so the training loop, its teachers and `pdclip.evaluate` run
-    it as they run the model; its parameters are the model's (a DDP wrapper syncs the heads' gradients,
+    The encoder interface of `pdclip.models.DualEncoder` (`inputs`, `image_inputs`, `text_inputs`,
+    `encode_image`, `encode_text`, `forward`, `scales`, `image_size`), so the training loop, its
+    teachers and `pdclip.evaluate` run it as they run the model; its parameters are the model's (a DDP wrapper syncs the heads' gradients,
     the frozen backbones have none).
 
     Args:
         model: the dual encoder (kept, not copied: training it through this view trains it).
-        captions: `CachedFeatures` whose caption features `tokenize` looks up before running the
+        captions: `CachedFeatures` whose caption features `text_inputs` looks up before running the
             frozen text backbone (zero-shot prompts, other captions: computed once, then remembered).
     """
 
@@ -43,8 +43,16 @@ class HeadsOnly(nn.Module):
     def scales(self) -> tuple[Tensor, Tensor]:
         return self.model.scales()
 
+    def image_inputs(self, batch: dict) -> Tensor:
+        """What `encode_image` takes from a cached batch (`CachedFeatures.get_batch`): backbone features `(B, F)`."""
+        return batch["image_raw"]
+
+    def inputs(self, batch: dict) -> tuple[Tensor, Tensor]:
+        """What `forward` takes for a cached batch: both towers' backbone features, read from the cache."""
+        return batch["image_raw"], batch["text_raw"]
+
     @torch.no_grad()
-    def tokenize(self, texts: list[str]) -> Tensor:
+    def text_inputs(self, texts: list[str]) -> Tensor:
         """Text backbone features `(B, F_t)` on the CPU: cached where known, else computed (and kept)."""
         missing = sorted(set(texts) - self.known.keys())
         backbone = self.model.text.backbone
