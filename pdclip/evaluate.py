@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from pdclip import metrics
-from pdclip.data import collate
+from pdclip.data import BatchedDataset, collate
 
 PROBE_SPLITS = ("train", "val", "test")
 
@@ -77,7 +77,7 @@ def sample_batches(dataset: Dataset, indices: Tensor | None, batch_size: int, ma
         stream = itertools.islice(dataset, max_samples)
         while batch := list(itertools.islice(stream, batch_size)):
             yield collate(batch)
-    elif hasattr(dataset, "get_batch"):
+    elif isinstance(dataset, BatchedDataset):
         for chunk in indices.split(batch_size):
             yield dataset.get_batch([(0, i) for i in chunk.tolist()])
     else:

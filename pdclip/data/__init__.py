@@ -11,9 +11,10 @@ models: each text tower owns its tokenizer.
 
 from __future__ import annotations
 
-from pdclip.data.base import ZeroShotTask, collate
+from pdclip.data.base import BatchedDataset, ZeroShotTask, collate
 
-__all__ = ["SOURCES", "SHARD_SOURCES", "SPLITS", "ZeroShotTask", "build_dataset", "collate", "split_kwargs"]
+__all__ = ["SOURCES", "SHARD_SOURCES", "SPLITS", "BatchedDataset", "ZeroShotTask", "build_dataset", "collate",
+           "split_kwargs"]
 
 SOURCES = ("synthetic", "clipart", "shards", "hf")
 SHARD_SOURCES = ("shards", "hf")  # sources whose splits are files given by `urls`

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.utils.data import Dataset
 
 
 @dataclass
@@ -56,3 +57,12 @@ def collate(samples: list[dict]) -> dict:
     if all("label" in s for s in samples):
         batch["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)
     return batch
+
+
+class BatchedDataset(Dataset):
+    """A map-style dataset that builds a whole batch from its `(epoch, index)` keys in one call
+    (`pdclip.features.CachedFeatures`: one array lookup, no per-sample work). The loaders
+    (`pdclip.data.sampling`, `pdclip.evaluate`) call `get_batch` instead of collating samples."""
+
+    def get_batch(self, keys: list[tuple[int, int]]) -> dict:
+        raise NotImplementedError

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
-from pdclip.data.base import collate
+from pdclip.data.base import BatchedDataset, collate
 from pdclip.distributed import world
 
 # What a seed is for: the same (seed, epoch) gives unrelated streams for each purpose.
@@ -157,7 +157,7 @@ def make_batches(dataset: Dataset, batch_size: int, seed: int, num_workers: int,
                  start_step: int, shard_state: dict | None = None):
     """An endless iterator of this rank's collated batches from `start_step` on (`batch_size` is global).
 
-    A dataset with `get_batch(keys)` (`pdclip.features.CachedFeatures`) gets the sampler's `(epoch, index)`
+    A `BatchedDataset` (`pdclip.features.CachedFeatures`) gets the sampler's `(epoch, index)`
     keys a batch at a time: one array lookup per batch, no DataLoader and no per-sample work. A shard
     stream (iterable) gives a `ShardBatches` starting at `shard_state` (a checkpoint's `state()`).
     """
@@ -175,7 +175,7 @@ def make_batches(dataset: Dataset, batch_size: int, seed: int, num_workers: int,
 def _map_style_batches(dataset: Dataset, batch_size: int, seed: int, num_workers: int, rank: int,
                        world_size: int, start_step: int) -> Iterator[dict]:
     sampler = GlobalBatchSampler(len(dataset), batch_size, rank, world_size, seed, start_step)
-    if hasattr(dataset, "get_batch"):
+    if isinstance(dataset, BatchedDataset):
         yield from map(dataset.get_batch, sampler)  # the sampler never ends
         return
     loader = DataLoader(SeededSamples(dataset, seed), batch_sampler=sampler, collate_fn=collate,
@@ -194,7 +194,7 @@ def probe_batch(dataset: Dataset, size: int, seed: int, rank: int, world_size: i
         raise ValueError(f"snapshot_size={size} exceeds the dataset's {len(dataset)} samples")
     chosen = torch.randperm(len(dataset), generator=seeded_generator(seed, -1, PERMUTATION))[:size]
     keys = [(-1, i) for i in chosen[rank * local:(rank + 1) * local].tolist()]
-    if hasattr(dataset, "get_batch"):
+    if isinstance(dataset, BatchedDataset):
         return dataset.get_batch(keys)
     samples = SeededSamples(dataset, seed)
     return collate([samples[key] for key in keys])

@@ -11,20 +11,21 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from pdclip.data import build_dataset, collate
+from pdclip.data import BatchedDataset, build_dataset, collate
 from pdclip.data.sampling import SeededSamples
 from pdclip.features.extract import _backbone_chunks, _tower_key, backbones, shard_features
 from pdclip.features.store import DEFAULT_ROOT, FeatureCacheError, _digest, cached_array
 
 
-class CachedFeatures:
+class CachedFeatures(BatchedDataset):
     """The backbone features of one dataset split, extracted once and memory-mapped.
 
     Indexed like `pdclip.data.sampling.SeededSamples`, by `(epoch, index)` keys: `get_batch(keys)`
     gives `{"image_raw": (B, F), "text_raw": (B, F_t), "text": list[str], "index": (B,), "label": (B,)}`
-    from epoch `e`'s view `e % views`, with no per-sample loading. Attributes it lacks come from the
-    source dataset (`zeroshot_tasks`, `retrieval_captions`, `true_correspondence`), so
-    `pdclip.evaluate` reads it like the dataset itself (with `HeadsOnly` as the model).
+    from epoch `e`'s view `e % views`, with no per-sample loading. What the evaluation reads of a
+    split besides its samples (`FROM_SOURCE`: `zeroshot_tasks`, `retrieval_captions`,
+    `true_correspondence`) is the source dataset's, where it has them, so `pdclip.evaluate` reads it
+    like the dataset itself (with `HeadsOnly` as the model).
 
     Args:
         model: a dual encoder with frozen pretrained towers (`backbones(model)` must accept it).
@@ -100,10 +101,12 @@ class CachedFeatures:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def __getattr__(self, name: str):
-        if name == "source":  # not set yet (during __init__): no recursion
-            raise AttributeError(name)
-        return getattr(self.source, name)
+    FROM_SOURCE = ("zeroshot_tasks", "retrieval_captions", "true_correspondence")
+
+    def __getattr__(self, name: str):  # only for names not set on the cache itself
+        if name in self.FROM_SOURCE and "source" in self.__dict__:
+            return getattr(self.source, name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     def get_batch(self, keys: list[tuple[int, int]]) -> dict:
         """The batch of `(epoch, index)` keys (one epoch per batch, as `GlobalBatchSampler` yields)."""
