@@ -107,11 +107,14 @@ def method_loss(
     soft_ce, hard_ce = (fast_symmetric_soft_ce, fast_symmetric_hard_ce) if cfg.fast_loss else (
         symmetric_soft_ce, symmetric_hard_ce)
 
+    def clip_term(x: Tensor) -> Tensor:  # CLIP's loss, and KD's and OTTER's hard half
+        return hard_ce(x) if hard is None else soft_ce(x, hard, hard)
+
     def identity() -> tuple[Tensor, Tensor]:
         return identity_targets(n, device), identity_targets(n, device)
 
     if cfg.method == "clip":
-        loss = hard_ce(logits) if hard is None else soft_ce(logits, hard, hard)
+        loss = clip_term(logits)
         make_targets = identity if hard is None else _known(hard, hard)
     elif cfg.method == "ls":
         y = label_smoothing_targets(n, cfg.ls_epsilon, device, hard=hard)
@@ -133,7 +136,8 @@ def method_loss(
             p_i2t, p_t2i = soft or (None, None)
             loss = symmetric_identity_soft_rows_ce(logits, chosen, p_i2t, p_t2i, alpha)
         else:  # PSD as its definition: CE(s, Y) with Y = (1 - α) I + α P on the chosen rows
-            loss = soft_ce(logits, *make_targets())
+            y_i2t, y_t2i = make_targets()
+            loss, make_targets = soft_ce(logits, y_i2t, y_t2i), _known(y_i2t, y_t2i)  # built once
         parts["alpha"] = float(alpha)
     else:  # kd, otter: L = a L_clip(t_c) + (1 - a) L_soft(Y, t_s)
         t_img, t_txt = _gathered_teacher(teacher_image_features, teacher_text_features)
@@ -142,7 +146,7 @@ def method_loss(
         else:
             y_i2t, y_t2i = otter_targets(t_img, t_txt, cfg.ot_epsilon, cfg.ot_iters, cfg.ot_lambda,
                                          check_finite=check_finite)
-        loss_clip = hard_ce(logits) if hard is None else soft_ce(logits, hard, hard)
+        loss_clip = clip_term(logits)
         scale_soft = logit_scale if logit_scale_soft is None else logit_scale_soft
         loss_soft = soft_ce(scale_soft * similarity, y_i2t, y_t2i)
         loss = cfg.mix_alpha * loss_clip + (1 - cfg.mix_alpha) * loss_soft
