@@ -78,7 +78,7 @@ def cached_array(root: Path, name: str, key: dict, rows: int, chunks: Iterator[T
     seconds = time.perf_counter() - tic
     if not quiet:
         print(f"extracted {name}: {rows:,} {unit} in {seconds:.1f} s ({rows / seconds:.0f} {unit}/s)")
-    return _open(path, meta, key, rows)
+    return np.load(path, mmap_mode="r")  # just written and hashed: `_open`'s checks would read it again
 
 
 def _open(path: Path, meta: Path, key: dict, rows: int) -> np.ndarray:
