@@ -153,7 +153,7 @@ class RunFiles:
     started: RunFiles | None = None  # the run whose train.log is open: one at a time per process
     # Fields that may change between a run and its resumption without changing the results.
     RESUMABLE_CHANGES = ("out", "resume", "overwrite", "progress", "num_workers", "device", "save_every",
-                         "eval_every", "eval_max_samples", "keep_checkpoints", "report_to", "val_data")
+                         "eval_every", "eval_steps", "eval_max_samples", "keep_checkpoints", "report_to", "val_data")
 
     def __init__(self, out: Path, cfg: TrainConfig, is_main: bool):
         self.out, self.cfg, self.is_main = Path(out), cfg, is_main

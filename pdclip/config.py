@@ -178,6 +178,7 @@ class TrainConfig:
     report_to: str | None = None  # also log metrics to "tensorboard" (<out>/tensorboard; pip install pdclip[tensorboard])
     save_every: int = 100  # steps between checkpoints (one is always written at the end)
     eval_every: int = 0  # steps between evaluations; 0 evaluates only at the end when an eval hook exists
+    eval_steps: tuple[int, ...] = ()  # more steps to evaluate at, a JSON list: '[10, 20, 50]' (early stopping)
     snapshot_every: int = 50  # steps between snapshots of the probe batch; 0 turns them off
     snapshot_size: int = 32  # pairs in the fixed probe batch
     eval_max_samples: int = 500  # per split in the CLI's periodic evaluation (val split, no linear probe)
@@ -188,6 +189,9 @@ class TrainConfig:
         if isinstance(self.loss, dict):
             self.loss = LossConfig.from_dict(self.loss)
         self.betas = tuple(self.betas)
+        self.eval_steps = tuple(sorted(set(self.eval_steps)))
+        if any(s < 1 for s in self.eval_steps):
+            raise ValueError(f"eval_steps must be steps >= 1, got {list(self.eval_steps)}")
         check_choices(self)
         for name in ("steps", "batch_size", "accum_freq", "snapshot_size", "eval_max_samples", "head_hidden",
                      "feature_views"):

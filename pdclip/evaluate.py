@@ -1,7 +1,6 @@
 """Evaluate a dual encoder: features once per dataset, then every metric of `pdclip.metrics` on them.
 
-`evaluate_model` is what the training loop's periodic evaluation calls (cheap with `max_samples`)
-and what the CLI runs on a checkpoint:
+`evaluate_model` is what periodic evaluation calls (cheap with `max_samples`) and the CLI runs:
 
     python -m pdclip.evaluate --checkpoint runs/x/checkpoint.pt --dataset synthetic --out results.json
     python -m pdclip.evaluate --checkpoint runs/cc3m --val-data 'data/cc3m/cc3m-validation-{0000..0015}.tar'
@@ -9,10 +8,9 @@ and what the CLI runs on a checkpoint:
 Shard sources (`shards`, `hf`) are scored only on held-out shards (`--val-data`, or the run's
 `val_data`), reported as "val"; the training shards are never called val or test.
 
-Results are flat `dict[str, float]` with keys `"{split}/zeroshot/{task}/{metric}"`,
-`"{split}/retrieval/{metric}"` and `"linear_probe/{metric}"`, ready for JSON and for a metrics log;
-the CLI adds `"target_quality/{i2t,t2i}/{metric}"` from the run's latest training snapshot when the
-dataset knows its true image–caption correspondence (the synthetic one does).
+Results are flat `dict[str, float]` (`"{split}/zeroshot/{task}/{metric}"`, `"{split}/retrieval/{metric}"`,
+`"linear_probe/{metric}"`), ready for JSON and a metrics log; the CLI adds `"target_quality/..."` from
+the run's latest snapshot when the dataset knows its true image–caption correspondence (synthetic).
 """
 
 from __future__ import annotations
@@ -130,13 +128,14 @@ def select_captions(texts: list[str], text_to_image: Tensor, indices: Tensor) ->
 
 
 def zeroshot_results(model, dataset: Dataset, feats: Features, cache: dict, device,
-                     batch_size: int) -> tuple[dict, dict]:
-    """Every zero-shot task of `dataset` on precomputed image features, and the chance level of each score.
+                     batch_size: int) -> tuple[dict, dict, dict]:
+    """Every zero-shot task of `dataset` on precomputed image features, the chance level of each
+    score, and each task's `(N,)` predicted classes and labels (`"zeroshot/{task}/pred"`, `.../label`).
 
     `cache` maps (class names, templates) to class embeddings, so tasks shared by several splits
     are encoded once per model.
     """
-    out, chance = {}, {}
+    out, chance, samples = {}, {}, {}
     for name, task in getattr(dataset, "zeroshot_tasks", {}).items():
         key = (tuple(task.classnames), tuple(task.templates))
         if key not in cache:
@@ -146,12 +145,20 @@ def zeroshot_results(model, dataset: Dataset, feats: Features, cache: dict, devi
         labels = task.labels[feats.indices]
         scores = metrics.zeroshot_metrics(feats.image, cache[key], labels, multilabels)
         out.update({f"zeroshot/{name}/{k}": v for k, v in scores.items()})
+        samples[f"zeroshot/{name}/pred"] = (feats.image.float() @ cache[key].float().T).argmax(dim=1)
+        samples[f"zeroshot/{name}/label"] = labels
         floor = metrics.zeroshot_chance(labels, len(task.classnames), multilabels)
         chance.update({f"zeroshot/{name}/{k}": v for k, v in floor.items() if k in scores})
-    return out, chance
+    return out, chance, samples
 
 
-def evaluate_model(
+def evaluate_model(model, datasets: dict[str, Dataset], **kwargs) -> dict[str, float]:
+    """Zero-shot, retrieval and linear-probe scores of `model` on named datasets: the scores of
+    `evaluate_samples` (which documents the keyword arguments and keys), without per-sample outcomes."""
+    return evaluate_samples(model, datasets, **kwargs)[0]
+
+
+def evaluate_samples(
     model,
     datasets: dict[str, Dataset],
     *,
@@ -159,7 +166,8 @@ def evaluate_model(
     batch_size: int = 256,
     max_samples: int | None = None,
     linear_probe: bool = True,
-) -> dict[str, float]:
+    probe_only: tuple[str, ...] = (),
+) -> tuple[dict[str, float], dict[str, dict[str, list[int]]]]:
     """Zero-shot, retrieval and linear-probe scores of `model` on named datasets (usually splits).
 
     Features are computed once per dataset and shared by every metric. The linear probe runs when
@@ -170,35 +178,44 @@ def evaluate_model(
             train/eval mode is restored.
         datasets: name -> dataset, e.g. `{"val": ..., "test": ..., "shift": ...}`.
         max_samples: at most this many samples per dataset (keeps periodic evaluation cheap).
+        probe_only: datasets that only feed the linear probe (e.g. "train"): not scored themselves.
 
     Returns:
-        Flat `{"{name}/zeroshot/{task}/{metric}": ..., "{name}/retrieval/{metric}": ...,
-        "linear_probe/{acc,val_acc,C}": ...}`, and for each score `"chance/" + key` its chance level
+        `(scores, samples)`. Scores: flat `{"{name}/zeroshot/{task}/{metric}", "{name}/retrieval/{metric}",
+        "linear_probe/{acc,val_acc,C}"}`, and for each score `"chance/" + key` its chance level
         (`pdclip.metrics.zeroshot_chance`, `retrieval_chance`; the probe's: the majority class).
+        `samples[name]`: per-sample outcomes for bootstraps, `(N,)` lists `"zeroshot/{task}/pred"`,
+        `".../label"`, `"retrieval/i2t_hit@1"`, and `(M,)` (captions) `"retrieval/t2i_hit@1"`,
+        `"retrieval/text_to_image"`; `samples["linear_probe"]`: the test split's `"pred"`, `"label"`.
     """
     was_training = model.training
     model.eval()
     try:
         feats = {name: compute_features(model, ds, device=device, batch_size=batch_size, max_samples=max_samples)
                  for name, ds in datasets.items()}
-        out, cache = {}, {}
-        for name, ds in datasets.items():
+        out, samples, cache = {}, {}, {}
+        for name, ds in ((n, d) for n, d in datasets.items() if n not in probe_only):
             f = feats[name]
-            scores = {f"retrieval/{k}": v for k, v in metrics.retrieval_metrics(f.image, f.text, f.text_to_image).items()}
+            hits = metrics.retrieval_hits(f.image, f.text, f.text_to_image)
+            scores = {f"retrieval/{k}": h.float().mean().item() for k, h in hits.items()}
             chance = {f"retrieval/{k}": v for k, v in metrics.retrieval_chance(f.text_to_image, len(f.image)).items()}
-            zeroshot, zeroshot_chance = zeroshot_results(model, ds, f, cache, device, batch_size)
+            zeroshot, zeroshot_chance, per_sample = zeroshot_results(model, ds, f, cache, device, batch_size)
             scores.update(zeroshot)
             chance.update(zeroshot_chance)
             out.update({f"{name}/{k}": v for k, v in scores.items()})
             out.update({f"chance/{name}/{k}": v for k, v in chance.items()})
+            per_sample.update({"retrieval/i2t_hit@1": hits["i2t_R@1"], "retrieval/t2i_hit@1": hits["t2i_R@1"],
+                               "retrieval/text_to_image": f.text_to_image})
+            samples[name] = {k: v.int().tolist() for k, v in per_sample.items()}
     finally:
         model.train(was_training)
     if linear_probe and all(s in feats and feats[s].labels is not None for s in PROBE_SPLITS):
-        probe = metrics.linear_probe(*[(feats[s].image, feats[s].labels) for s in PROBE_SPLITS])
+        probe, pred = metrics.linear_probe_predictions(*[(feats[s].image, feats[s].labels) for s in PROBE_SPLITS])
         out.update({f"linear_probe/{k}": v for k, v in probe.items()})
         test = feats["test"].labels
         out["chance/linear_probe/acc"] = torch.bincount(test).max().item() / len(test)  # the majority class
-    return out
+        samples["linear_probe"] = {"pred": pred.tolist(), "label": test.tolist()}
+    return out, samples
 
 
 def robustness_table(results: dict[str, dict[str, float]], baselines: list[str], key: str,
@@ -288,7 +305,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="shards / hf: the held-out shards, a brace pattern (default: the run's val_data); "
                         "training shards are never scored as val or test")
     p.add_argument("--splits", default=None,
-                   help="comma-separated splits (default: train,val,test, plus shift for synthetic; "
+                   help="comma-separated splits (default: train,val,test, plus shift,shift_mild for synthetic; "
                         "shards / hf: val, the --val-data shards, and train for the training shards)")
     p.add_argument("--out", default=None, help="the JSON file to write (default: print only)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -313,7 +330,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if args.dataset is None:
         args.dataset = cfg.dataset if cfg.dataset in SHARD_SOURCES or not args.val_data else "shards"
     shards = args.dataset in SHARD_SOURCES
-    default = ["val"] if shards else list(PROBE_SPLITS) + (["shift"] if args.dataset == "synthetic" else [])
+    default = ["val"] if shards else list(PROBE_SPLITS) + (["shift", "shift_mild"] if args.dataset == "synthetic" else [])
     splits = args.splits.split(",") if args.splits else default
     if shards and not set(splits) <= {"train", "val"}:
         sys.exit(f"error: shards have one held-out set (--val-data), reported as 'val'; got splits {splits}")

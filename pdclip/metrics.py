@@ -168,8 +168,16 @@ def retrieval_metrics(
         text_to_image: `(M,)` LongTensor, the image each caption describes.
 
     Returns:
-        `{"i2t_R@k", "t2i_R@k"}` for each k, fractions in [0, 1].
+        `{"i2t_R@k", "t2i_R@k"}` for each k, fractions in [0, 1] (`retrieval_hits`, averaged).
     """
+    hits = retrieval_hits(image_features, text_features, text_to_image, ks, chunk)
+    return {name: h.float().mean().item() for name, h in hits.items()}
+
+
+def retrieval_hits(image_features: Tensor, text_features: Tensor, text_to_image: Tensor,
+                   ks: Sequence[int] = (1, 5, 10), chunk: int = 1024) -> dict[str, Tensor]:
+    """`retrieval_metrics` per query, for bootstraps: `{"i2t_R@k": (N,) bool per image, "t2i_R@k": (M,)
+    bool per caption}`."""
     check_features("image_features", image_features)
     check_features("text_features", text_features)
     n_img, n_txt = image_features.shape[0], text_features.shape[0]
@@ -177,42 +185,49 @@ def retrieval_metrics(
         raise ValueError(f"text_to_image must be (M,) = ({n_txt},) with values in [0, {n_img})")
     img, txt, device = image_features.float(), text_features.float(), image_features.device
     image_ids, text_to_image = torch.arange(n_img, device=device), text_to_image.to(device)
-    out = {}
-    for k in ks:
-        if k <= n_txt:
-            out[f"i2t_R@{k}"] = recall_at_k(img, txt, image_ids, text_to_image, k, chunk)
-        if k <= n_img:
-            out[f"t2i_R@{k}"] = recall_at_k(txt, img, text_to_image, image_ids, k, chunk)
-    return out
+    i2t = recall_hits(img, txt, image_ids, text_to_image, [k for k in ks if k <= n_txt], chunk)
+    t2i = recall_hits(txt, img, text_to_image, image_ids, [k for k in ks if k <= n_img], chunk)
+    return {**{f"i2t_R@{k}": h for k, h in i2t.items()}, **{f"t2i_R@{k}": h for k, h in t2i.items()}}
 
 
-def recall_at_k(
-    queries: Tensor, gallery: Tensor, query_ids: Tensor, gallery_ids: Tensor, k: int, chunk: int = 1024
-) -> float:
-    """Fraction of queries with at least one top-k gallery item of the same id.
+def recall_hits(
+    queries: Tensor, gallery: Tensor, query_ids: Tensor, gallery_ids: Tensor, ks: Sequence[int], chunk: int = 1024
+) -> dict[int, Tensor]:
+    """`{k: (Q,) bool}`: does query q have a top-k gallery item of its own id? One top-k per chunk
+    serves every k (the largest k's ranking holds the smaller ones').
 
     Args:
         queries: `(Q, D)`; gallery: `(G, D)`; query_ids: `(Q,)`; gallery_ids: `(G,)` (an image's id is
             its index, a caption's id the index of its image).
         chunk: queries scored at a time, so memory stays `(chunk, G)`.
     """
-    hits = []
+    if not ks:
+        return {}
+    hits: dict[int, list[Tensor]] = {k: [] for k in ks}
     for s in range(0, queries.shape[0], chunk):
-        top_ids = gallery_ids[topk_hits(queries[s : s + chunk] @ gallery.T, k)]
-        hits.append((top_ids == query_ids[s : s + chunk].view(-1, 1)).any(dim=1))
-    return torch.cat(hits).float().mean().item()
+        same = gallery_ids[topk_hits(queries[s : s + chunk] @ gallery.T, max(ks))] == query_ids[s : s + chunk].view(-1, 1)
+        for k in ks:
+            hits[k].append(same[:, :k].any(dim=1))
+    return {k: torch.cat(h) for k, h in hits.items()}
 
 
 # ---------------------------------------------------------------- linear probe
 
 
-def linear_probe(
+def linear_probe(train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor],
+                 **kwargs) -> dict[str, float]:
+    """`linear_probe_predictions`'s scores: `{"acc": test accuracy, "val_acc": best validation accuracy,
+    "C": the chosen C}` (the CLIP paper's protocol, documented there)."""
+    return linear_probe_predictions(train, val, test, **kwargs)[0]
+
+
+def linear_probe_predictions(
     train: tuple[Tensor, Tensor],
     val: tuple[Tensor, Tensor],
     test: tuple[Tensor, Tensor],
     Cs: Sequence[float] = (0.1, 1.0, 10.0, 100.0),
     max_iter: int = 1000,
-) -> dict[str, float]:
+) -> tuple[dict[str, float], np.ndarray]:
     """Logistic regression on frozen, normalised image features (the CLIP paper's protocol).
 
     The inverse regularisation `C` is chosen by accuracy on `val`; the chosen model is refit on
@@ -223,7 +238,8 @@ def linear_probe(
         Cs: the grid of scikit-learn `C` values (larger = less regularisation).
 
     Returns:
-        `{"acc": test accuracy, "val_acc": best validation accuracy, "C": the chosen C}`.
+        `({"acc": test accuracy, "val_acc": best validation accuracy, "C": the chosen C}, (N_test,)
+        the chosen model's predicted classes)`; the predictions feed bootstraps over test images.
     """
     from sklearn.linear_model import LogisticRegression  # imported here: sklearn is slow to import
 
@@ -241,7 +257,29 @@ def linear_probe(
     val_accs = [fit(xtr, ytr, c).score(xva, yva) for c in Cs]
     best = int(np.argmax(val_accs))
     final = fit(np.concatenate([xtr, xva]), np.concatenate([ytr, yva]), Cs[best])
-    return {"acc": float(final.score(xte, yte)), "val_acc": float(val_accs[best]), "C": float(Cs[best])}
+    pred = final.predict(xte)
+    scores = {"acc": float(np.mean(pred == yte)), "val_acc": float(val_accs[best]), "C": float(Cs[best])}
+    return scores, pred
+
+
+# ---------------------------------------------------------------- intervals over seeds
+
+
+def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, int]:
+    """Mean and the half-width of its two-sided t-distribution confidence interval.
+
+    Returns:
+        `(mean, half_width, n)`; the half-width is NaN for fewer than two finite values.
+    """
+    from scipy.stats import t
+
+    x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
+    if len(x) == 0:
+        return math.nan, math.nan, 0
+    if len(x) == 1:
+        return float(x[0]), math.nan, 1
+    half = t.ppf(0.5 + confidence / 2, df=len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
+    return float(x.mean()), float(half), len(x)
 
 
 # ---------------------------------------------------------------- effective robustness

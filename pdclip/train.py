@@ -295,7 +295,8 @@ class Trainer:
             bar.set_postfix(loss=f"{record['loss']:.4f}")
             if self.due(cfg.snapshot_every):
                 self.snapshot()
-            if self.eval_fn is not None and (self.due(cfg.eval_every) or self.step == cfg.steps):
+            if self.eval_fn is not None and (self.due(cfg.eval_every) or self.step in cfg.eval_steps
+                                             or self.step == cfg.steps):
                 results = self.evaluate()
             if self.due(cfg.save_every) or self.step == cfg.steps:
                 self.save()
@@ -311,7 +312,7 @@ def fit(cfg: TrainConfig, eval_fn: EvalFn | None = None) -> dict:
     Args:
         cfg: the run's configuration.
         eval_fn: `eval_fn(model, step) -> {name: value}`, called on rank 0 every `cfg.eval_every`
-            steps and at the end; results go to `<out>/eval.jsonl`.
+            steps, at `cfg.eval_steps` and at the end; results go to `<out>/eval.jsonl`.
     """
     created = init_distributed()
     try:
@@ -339,7 +340,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         with logging_redirect_tqdm(loggers=console):  # log lines above the progress bar, not through it
             cfg = parse_cli(argv)
-            return fit(cfg, default_eval_fn(cfg) if cfg.eval_every else None)
+            return fit(cfg, default_eval_fn(cfg) if cfg.eval_every or cfg.eval_steps else None)
     except (ValueError, OSError, ImportError) as e:
         if _in_training_loop(e):
             raise

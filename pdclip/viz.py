@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pdclip.metrics import fit_trend, trend_accuracy
+from pdclip.metrics import fit_trend, mean_ci, trend_accuracy
 
 
 def _new_axes(ax, ncols: int = 1, width: float = 4.0, height: float = 3.6):
@@ -233,4 +233,46 @@ def plot_training_curves(
     ax.set_title(title)
     if legend:
         ax.legend(fontsize=8)
+    return ax
+
+
+def plot_seed_curves(curves: dict[str, list[list[dict]]], key: str, ax=None, chance: float | None = None,
+                     title: str = "", ylabel: str | None = None, logx: bool = True):
+    """A metric against steps, one line per name: the mean over its seeds, a band from the lowest to
+    the highest seed, and `chance` as a dotted line.
+
+    Args:
+        curves: `{name: [curve of each seed]}`, a curve being `[{"step": s, key: value, ...}]`
+            (`pdclip.selection.KeepBest.curve`), every seed evaluated at the same steps.
+    """
+    ax = _new_axes(ax, width=5.0)
+    for i, (name, runs) in enumerate(curves.items()):
+        steps = [c["step"] for c in runs[0]]
+        values = np.array([[c[key] for c in run] for run in runs], dtype=float)  # (seeds, steps)
+        ax.plot(steps, values.mean(axis=0), color=f"C{i}", label=f"{name} ({len(runs)} seeds)")
+        ax.fill_between(steps, values.min(axis=0), values.max(axis=0), color=f"C{i}", alpha=0.2, lw=0)
+    if chance is not None:
+        ax.axhline(chance, color="k", ls=":", lw=1, label=f"chance {chance:.3f}")
+    if logx:
+        ax.set_xscale("log")
+    ax.set(xlabel="step" + (" (log scale)" if logx else ""), ylabel=ylabel or key, title=title)
+    ax.legend(fontsize=7)
+    return ax
+
+
+def plot_seed_intervals(values: dict[str, Sequence[float]], ax=None, chance: float | None = None,
+                        title: str = "", ylabel: str = "", confidence: float = 0.95):
+    """Each name's seeds as dots and their mean with a two-sided t-interval, beside `chance`."""
+    ax = _new_axes(ax, width=5.0)
+    for i, v in enumerate(values.values()):
+        mean, half, _ = mean_ci(v, confidence)
+        ax.errorbar(i, mean, yerr=np.nan_to_num(half), fmt="s", color=f"C{i}", capsize=4, ms=6)
+        ax.scatter(np.full(len(v), i + 0.15), v, color=f"C{i}", s=12, alpha=0.6)
+    if chance is not None:  # labelled on the line, not in a legend that could hide a point near it
+        ax.axhline(chance, color="k", ls=":", lw=1)
+        ax.annotate(f"chance {chance:.3f}", (-0.45, chance), xytext=(0, 2), textcoords="offset points", fontsize=8)
+    ax.set_xticks(range(len(values)), list(values), rotation=20, fontsize=8)
+    ax.set_xlim(-0.5, len(values) - 0.5)
+    ax.set_ylim(bottom=0)
+    ax.set(title=title, ylabel=ylabel)
     return ax

@@ -42,7 +42,8 @@ def test_fetch_reports_how_to_get_it_when_unavailable(tmp_path, monkeypatch, cap
 
 def test_captions_categories_and_split_rule():
     rel = "science/medicine/siringa_architetto_franc_01.png"
-    assert clipart.caption(rel) == "siringa architetto franc 01 (science, medicine)"
+    assert clipart.caption(rel) == "siringa architetto franc 01"  # the default leaves the class name out
+    assert clipart.caption(rel, category_in_caption=True) == "siringa architetto franc 01 (science, medicine)"
     assert clipart.category(rel, 1) == "science" and clipart.category(rel, 2) == "medicine"
     assert clipart.category("shapes/star.png", 2) is None
     splits = [clipart.split_of(f"x/{i}.png") for i in range(5000)]
@@ -76,7 +77,14 @@ def test_dataset_splits_classes_and_counts():
     assert torch.bincount(every).min() >= 30  # tiny categories were dropped
     sample = parts["test"][0]
     assert sample["image"].shape == (3, 32, 32) and sample["label"] == int(task.labels[0])
-    assert sample["text"].endswith(")") and sample["index"] == 0
+    assert sample["index"] == 0
+    # titles only: no caption names its class's folder (the zero-shot label), unless asked to
+    titles = parts["test"].texts
+    assert titles == [clipart.caption(p) for p in parts["test"].paths]
+    labelled = clipart.ClipArt("test", root=ROOT, image_size=32, category_in_caption=True).texts
+    folders = [p.split("/")[0].replace("_", " ") for p in parts["test"].paths]  # the class, at level 1
+    assert all(long.startswith(f"{title} ({folder}") and long.endswith(")")
+               for title, long, folder in zip(titles, labelled, folders, strict=True))
     level2 = build_dataset("clipart", "test", root=ROOT, level=2)
     assert "birds" in level2.zeroshot_tasks["category"].classnames
 

@@ -66,7 +66,7 @@ def hand_scene() -> Scenes:
     arr = lambda *v: np.array([v])  # noqa: E731
     return Scenes(shape=arr(0, 1), colour=arr(0, 2), large=arr(True, False), cx=arr(0.3, 0.7),
                   cy=arr(0.5, 0.5), radius=arr(0.2, 0.1), angle=arr(0.0, 0.0), tint=np.ones((1, 2, 3)),
-                  bg=np.zeros((1, 2, 3)), bg_angle=np.zeros(1), bg_period=np.ones(1), shifted=False)
+                  bg=np.zeros((1, 2, 3)), bg_angle=np.zeros(1), bg_period=np.ones(1), shift=0.0)
 
 
 @pytest.mark.parametrize("mentions, rel, expected", [
@@ -144,6 +144,9 @@ def test_retrieval_captions_and_shifted_style():
         return (imgs[..., 1:] - imgs[..., :-1]).abs().mean()
 
     assert edges(shift) > 1.5 * edges(test)
+    # the mild shift: the same scenes' style at a tenth of its contrast, between the two
+    mild = build_dataset("synthetic", "shift_mild", n_eval=30, image_size=32)
+    assert edges(test) < edges(mild) < edges(shift)
 
 
 def test_train_transform_shifts_a_little_and_follows_the_seed():

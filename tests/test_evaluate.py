@@ -83,6 +83,32 @@ def test_evaluate_model_oracle_scores_perfectly_and_encodes_once():
     assert all(0 < out[f"chance/{k}"] < 1 for k in scores), "every score comes with its chance level"
 
 
+class NoisyOracle(OracleModel):
+    """The oracle with seeded noise on its image features: every score lands strictly between 0 and 1."""
+
+    def encode_image(self, images: Tensor) -> Tensor:
+        noise = torch.randn(len(images), self.n + N_CLASSES, generator=torch.Generator().manual_seed(len(images)))
+        return F.normalize(super().encode_image(images) + 0.45 * noise, dim=-1)
+
+
+def test_per_sample_outcomes_reproduce_every_score_they_stand_for():
+    """`evaluate_samples` hands the study its per-image outcomes; averaged they are the scores."""
+    splits = {s: ToyDataset(n=40) for s in ("train", "val", "test")}
+    scores, samples = evaluate.evaluate_samples(NoisyOracle(n=40), splits, probe_only=("train",))
+    assert not any(k.startswith("train/") for k in scores)  # the training split only fed the probe
+    test = samples["test"]
+    right = torch.tensor(test["zeroshot/cls/pred"]) == torch.tensor(test["zeroshot/cls/label"])
+    assert 0 < scores["test/zeroshot/cls/top1"] < 1
+    assert right.float().mean().item() == pytest.approx(scores["test/zeroshot/cls/top1"])
+    for direction in ("i2t", "t2i"):
+        hits = torch.tensor(test[f"retrieval/{direction}_hit@1"]).float()
+        assert hits.mean().item() == pytest.approx(scores[f"test/retrieval/{direction}_R@1"])
+    assert len(test["retrieval/t2i_hit@1"]) == len(test["retrieval/text_to_image"]) == 80  # two captions per image
+    probe = samples["linear_probe"]
+    assert (torch.tensor(probe["pred"]) == torch.tensor(probe["label"])).float().mean().item() == pytest.approx(
+        scores["linear_probe/acc"])
+
+
 def test_max_samples_subsets_images_and_their_captions():
     model = OracleModel(n=12)
     feats = evaluate.compute_features(model, ToyDataset(), batch_size=4, max_samples=4)

@@ -38,11 +38,12 @@ CHECKS = {
                      and r["identity_max_diff"] < 1e-6 and r["control_cos_gap"] < 1e-12 < r["default_cos_gap"]),
     "04": lambda r: (r["pdclip_vs_pot"] < 1e-6 and r["otter_targets_vs_hand"] < 1e-6
                      and r["unmasked_diagonal_mass"] > 0.9 and r["masked_same_concept_mass"] > 0.9),
-    # 06-08 train frozen pretrained towers (cached features): every method at least 3x chance on its main
-    # metric, above the from-scratch contrast; 07's teachers point at true matches.
-    "06": lambda r: (all(r[f"{m}_zeroshot"] > 3 * r["chance_zeroshot"]
+    # 06-08 train frozen pretrained towers (cached features): every method at least 3x chance on retrieval
+    # (06: clip-art zero-shot from titles alone needs the full run, which asserts it), above the
+    # from-scratch contrast; 07's teachers point at true matches.
+    "06": lambda r: (all(r[f"{m}_i2t_R@1"] > 3 * r["chance_R@1"]
                          for m in ("clip", "psd", "otter_paper_start", "otter_clip_start"))
-                     and r["clip_zeroshot"] > r["scratch_zeroshot"] and r["clip_i2t_R@1"] > 3 * r["chance_R@1"]),
+                     and r["clip_i2t_R@1"] > r["scratch_i2t_R@1"]),
     # (07's frozen-vs-scratch OTTER contrast is asserted on its full run only: too few smoke steps.)
     "07": lambda r: max(r["psd_precision"], r["otter_precision"]) > 2 * r["chance_precision"],
     "08": lambda r: (all(r[f"{m}_zeroshot"] > 3 * r["chance_zeroshot"] for m in ("clip", "ls", "kd", "psd", "otter"))

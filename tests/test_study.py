@@ -68,12 +68,17 @@ def test_expand_rejects_an_unknown_setting():
         presets.expand(preset)
 
 
+def _row(cell: dict, metrics: dict, samples: dict | None = None, **extra) -> dict:
+    """A result row as `runner.run_cell` writes it, with one evaluation: the last step's."""
+    return {"cell": cell, "budgets": {"final": {"step": 100, "metrics": metrics, "samples": samples or {}}},
+            "probe_budget": "final", "curve": [], "target_quality": [], "train_s": 1.0, "wall_s": 1.0, **extra}
+
+
 def _fake_run(calls: list):
     def run(cell, base, cell_dir):
         calls.append(cell["id"])
         acc = 0.1 * (1 + METHODS.index(cell["method"])) + 0.01 * cell["seed"]
-        return {"cell": cell, "metrics": {f"test/{presets.HEADLINE}": acc}, "target_quality": [],
-                "train_s": 1.0, "wall_s": 1.0}
+        return _row(cell, {f"test/{presets.HEADLINE}": acc})
     return run
 
 
@@ -104,7 +109,7 @@ def test_results_are_filed_under_experiments_added_later(tmp_path):
 def test_paired_gains_difference_by_seed(tmp_path):
     cells = presets.expand(presets.PRESETS["quick"], seeds=[0, 1, 2])
     rows = runner.run_grid(cells, presets.PRESETS["quick"]["base"], tmp_path, run_fn=_fake_run([]), log=lambda _: None)
-    value = lambda r: r["metrics"][f"test/{presets.HEADLINE}"]  # noqa: E731
+    value = lambda r: results.scores(r)[f"test/{presets.HEADLINE}"]  # noqa: E731
     gains = stats.paired_gains(rows, value)
     group = next(iter(gains))
     mean, half, n = gains[group]["otter"]  # otter is 0.4 above clip at every seed: no spread
@@ -113,14 +118,23 @@ def test_paired_gains_difference_by_seed(tmp_path):
     assert stats.aggregate(rows, value)[group]["clip"][0] == pytest.approx(0.11)
 
 
+def _test_samples(acc: float, n: int = 50) -> dict:
+    """Per-image test outcomes whose scores are `acc` (the first round(acc * n) images right)."""
+    right = [int(i < round(acc * n)) for i in range(n)]
+    return {"test": {"zeroshot/colour_shape/pred": [0 if r else 1 for r in right], "zeroshot/colour_shape/label": [0] * n,
+                     "retrieval/i2t_hit@1": right, "retrieval/t2i_hit@1": right, "retrieval/text_to_image": list(range(n))},
+            "linear_probe": {"pred": [0 if r else 1 for r in right], "label": [0] * n}}
+
+
 def _fake_eval_run(cell, base, cell_dir):
-    acc = 0.2 + 0.02 * METHODS.index(cell["method"]) + 0.01 * cell["seed"] - 0.1 * cell["noise"]
+    acc = 0.2 + 0.04 * METHODS.index(cell["method"]) + 0.02 * cell["seed"] - 0.1 * cell["noise"]
     keys = [f"{s}/{presets.HEADLINE}" for s in ("val", "test")] + [f"test/{presets.HEADLINE.replace('top1', 'hit@1')}",
             "test/retrieval/i2t_R@1", "test/retrieval/t2i_R@1", "linear_probe/acc"]
-    metrics = {k: acc for k in keys} | {f"shift/{presets.HEADLINE}": acc * 0.8} | {f"chance/{k}": 0.01 for k in keys}
+    metrics = ({k: acc for k in keys} | {f"shift_mild/{presets.HEADLINE}": acc * 0.8}
+               | {f"chance/{k}": 0.01 for k in keys} | {f"chance/shift_mild/{presets.HEADLINE}": 0.01})
     quality = [{"step": s, "i2t/true_mass": 0.9, "i2t/offdiag_precision": 0.3, "i2t/chance_offdiag_precision": 0.1,
                 "i2t/chance_true_mass": 0.05} for s in (0, 10)]
-    return {"cell": cell, "metrics": metrics, "target_quality": quality, "train_s": 1.0, "wall_s": 2.0}
+    return _row(cell, metrics, _test_samples(acc), target_quality=quality, wall_s=2.0)
 
 
 def test_write_report_fills_its_block_and_keeps_the_text_around_it(tmp_path):
@@ -132,8 +146,11 @@ def test_write_report_fills_its_block_and_keeps_the_text_around_it(tmp_path):
     text = doc.read_text()
     assert text.startswith("# Results\nhand-written intro\n") and text.endswith("outro\n") and "stale" not in text
     assert "30 of 30 runs finished" in text and "| synthetic, scratch, ν=0.8, n=2000 | otter | 3 |" in text
-    assert "otter helps ZS at synthetic, scratch, ν=0, n=2000 (+8.0 ± 0.0 points)" in text
-    assert "| synthetic, scratch, ν=0, n=2000 | otter | **+8.0 ± 0.0** |" in text  # the verdict, in bold
+    # otter is 16 points (8 of 50 images) above clip at every seed: the bootstrap over images and seeds
+    # still calls it, after Holm over the table's 2 noise levels x 4 methods x 4 columns
+    assert "otter helps ZS at synthetic, scratch, ν=0, n=2000 (+16.0 [+7.3, +26.0] points, Holm p = " in text
+    assert "| synthetic, scratch, ν=0, n=2000 | otter | **+16.0 [+7.3, +26.0]** |" in text  # the verdict, in bold
+    assert "Verdicts (" in text and " of 32 comparisons, Holm-corrected)" in text
     assert "| synthetic, scratch, ν=0.8, n=2000 | *chance* | | 1.0 |" in text  # next to every condition
     assert {p.name for p in (tmp_path / "figures").iterdir()} == {
         "quick_accuracy_vs_noise.png", "quick_gain_vs_noise.png", "quick_effective_robustness.png",
@@ -161,9 +178,9 @@ def test_paired_gains_by_variant_compare_ablations_with_the_default(tmp_path):
         "variants": [{}, {"psd_subset": 1.0}]}}}
     def run(cell, base, cell_dir):
         acc = 0.3 + (0.05 if cell["variant"] else 0.0) + 0.01 * cell["seed"]
-        return {"cell": cell, "metrics": {"x": acc}, "target_quality": [], "train_s": 1.0, "wall_s": 1.0}
+        return _row(cell, {"x": acc})
     rows = runner.run_grid(presets.expand(preset), preset["base"], tmp_path, run_fn=run, log=lambda _: None)
-    (gains,) = stats.paired_gains(rows, lambda r: r["metrics"]["x"], by="variant").values()
+    (gains,) = stats.paired_gains(rows, lambda r: results.scores(r)["x"], by="variant").values()
     assert list(gains) == ['{"psd_subset": 1.0}'] and gains['{"psd_subset": 1.0}'][0] == pytest.approx(0.05)
 
 
@@ -191,7 +208,7 @@ def test_feature_caches_are_built_once_per_dataset_before_the_cells_run(tmp_path
     runner.build_feature_caches(cells, base, logged.append)
     files = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("*.npy")}
     assert len(logged) == 1  # four cells, one dataset
-    assert len(files) == 8  # train, val, test, shift: images and captions each
+    assert len(files) == 10  # train, val, test, shift, shift_mild: images and captions each
     runner.build_feature_caches(cells, base, logged.append)
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("*.npy")} == files  # read, not rewritten
 
@@ -205,7 +222,25 @@ def test_the_cli_runs_as_a_module_and_reports_nothing_without_results(tmp_path):
 
     shown = run("--help")
     assert shown.returncode == 0, shown.stderr
-    assert "--preset {frozen,full,quick}" in shown.stdout and "--report-only" in shown.stdout
+    assert "--preset {frozen,full,multipositive,quick}" in shown.stdout and "--report-only" in shown.stdout
     done = run("--preset", "quick", "--report-only", "--out", str(tmp_path / "empty"))
     assert done.returncode == 0, done.stderr
     assert not (tmp_path / "empty").exists()
+
+
+def test_a_data_variant_compared_across_methods_gets_a_per_method_table(tmp_path, monkeypatch):
+    """The caption ablation: a dataset keyword as the variant, every method in both arms; the report
+    compares methods within each arm and each method across the arms."""
+    preset = {"about": "x", "base": {**presets.PRESETS["quick"]["base"], "n_train": 10}, "seeds": (0, 1),
+              "experiments": {"captions": {"dataset": "synthetic", "settings": ["scratch"], "noise": [0.4],
+                                           "methods": ["clip", "otter"], "variants": [{}, {"relations": False}],
+                                           "compare": "method"}}}
+    cell = next(c for c in presets.expand(preset) if c["variant"])
+    assert runner.train_config(cell, preset["base"], tmp_path).data_kwargs["relations"] is False  # a data keyword
+    monkeypatch.setitem(presets.PRESETS, "captions", preset)
+    runner.run_grid(presets.expand(preset), preset["base"], tmp_path / "runs", run_fn=_fake_eval_run, log=lambda _: None)
+    report.write_report("captions", tmp_path / "runs", tmp_path / "results.md", tmp_path / "figures")
+    text = (tmp_path / "results.md").read_text()
+    assert "What the variant changes, per method" in text
+    assert '| synthetic, scratch, ν=0.4, n=10 | clip: {"relations": false} |' in text
+    assert '| synthetic, scratch, ν=0.4, n=10, relations=False | otter |' in text  # methods within an arm

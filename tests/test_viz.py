@@ -104,3 +104,21 @@ def test_training_curves_of_several_runs_share_one_axes(tmp_path):
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["CLIP", "PSD", "OTTER"]
     assert ax.get_yscale() == "log" and len(ax.lines) == 3
     assert saved(ax.figure, tmp_path / "curves.png")
+
+
+def test_seed_curves_draw_mean_and_range_of_the_seeds():
+    runs = [[{"step": s, "acc": a + s / 100} for s in (10, 20, 40)] for a in (0.1, 0.3)]
+    ax = viz.plot_seed_curves({"CLIP": runs}, "acc", chance=0.05)
+    line = ax.get_lines()[0]
+    np.testing.assert_allclose(line.get_ydata(), [0.3, 0.4, 0.6])  # the mean of the two seeds
+    band = ax.collections[0].get_paths()[0].vertices[:, 1]
+    assert band.min() == pytest.approx(0.2) and band.max() == pytest.approx(0.7)  # lowest to highest seed
+    assert "CLIP (2 seeds)" in [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_seed_intervals_keep_a_point_near_chance_in_view():
+    ax = viz.plot_seed_intervals({"CLIP": [0.30, 0.32, 0.34], "scratch": [0.07]}, chance=0.0625)
+    lo, hi = ax.get_ylim()
+    assert lo == 0 and hi > 0.34 and ax.get_legend() is None  # no legend box over the low point
+    assert ax.containers[0].lines[0].get_ydata()[0] == pytest.approx(0.32)  # CLIP's mean over its seeds
+    assert ax.containers[1].lines[0].get_ydata()[0] == pytest.approx(0.07)  # one seed: its value, no interval

@@ -26,8 +26,8 @@ def build_dataset(name: str, split: str, **kwargs):
 
     Args:
         name: one of `SOURCES`: "synthetic", "clipart", "shards" or "hf".
-        split: "train", "val" or "test"; the synthetic source also has "shift" (a
-            distribution-shifted test split). The shard readers take the split's shards from `urls`
+        split: "train", "val" or "test"; the synthetic source also has "shift" and "shift_mild"
+            (distribution-shifted test splits, a strong and a mild one). The shard readers take the split's shards from `urls`
             (see `split_kwargs`).
         **kwargs: passed to the source's constructor (e.g. `image_size`, `seed`, `n_train`, `root`).
     """

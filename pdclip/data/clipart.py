@@ -9,8 +9,10 @@ needed) and decodes every PNG once into a cache at the working resolution. Decis
   an error, never ignored), as are files Pillow cannot decode. Counts are printed and kept in the
   cache's JSON (`ClipArt(...).counts`).
 * Captions: the title in the file name (underscores to spaces; its author names, other languages and
-  numbering are the real web-style noise) plus the category path, e.g.
-  `"chemistry flask matthew 02 (science)"`.
+  numbering are the real web-style noise), e.g. `"chemistry flask matthew 02"`. The category path
+  is left out by default: the zero-shot classes *are* those folders, so a caption that names its
+  folder ("... (science)") would turn zero-shot into reading the label off the caption and caption
+  noise into label noise. `category_in_caption=True` appends it, as an ablation (docs/results.md).
 * Classes: the top-level folder (`level=1`, e.g. "animals") or the second level (`level=2`, e.g.
   "birds"); categories with fewer than `min_per_class` images, and "unsorted", are dropped
   together with their images, so every kept image has a class.
@@ -173,11 +175,12 @@ def category(relpath: str, level: int) -> str | None:
     return parts[level - 1] if len(parts) >= level else None
 
 
-def caption(relpath: str) -> str:
-    """Title from the file name plus the category path, e.g. `"jigsaw green 09 (shapes, jigsaw)"`."""
+def caption(relpath: str, category_in_caption: bool = False) -> str:
+    """The title from the file name, e.g. `"jigsaw green 09"`; with `category_in_caption` the
+    category path follows it: `"jigsaw green 09 (shapes, jigsaw)"`."""
     *folders, name = relpath.split("/")
     title = " ".join(Path(name).stem.replace("_", " ").split())
-    return f"{title} ({', '.join(f.replace('_', ' ') for f in folders)})"
+    return f"{title} ({', '.join(f.replace('_', ' ') for f in folders)})" if category_in_caption else title
 
 
 def mismatch_captions(texts: list[str], p: float, seed: int) -> tuple[list[str], np.ndarray]:
@@ -204,6 +207,8 @@ class ClipArt(Dataset):
         augment: random shifts on the images; default only for "train".
         caption_noise: fraction of training captions given to another training image (ignored by
             "val" and "test"); noise_seed: seeds which captions move and where.
+        category_in_caption: append the category path to every caption (the labels' words: an
+            ablation; off by default, see the module docstring).
         max_samples: keep at most this many images of the split, evenly spaced over it (None: all);
             a quick run (the notebooks' smoke mode) then decodes and encodes only those.
 
@@ -213,12 +218,12 @@ class ClipArt(Dataset):
     """
 
     # Knobs that change only the captions: the feature cache's image key leaves them out.
-    caption_only_kwargs = ("caption_noise", "noise_seed")
+    caption_only_kwargs = ("caption_noise", "noise_seed", "category_in_caption")
 
     def __init__(self, split: str = "train", root: str | Path = DEFAULT_ROOT, image_size: int = 64,
                  cache_size: int = 64, level: int = 1, min_per_class: int = 30,
                  augment: bool | None = None, caption_noise: float = 0.0, noise_seed: int = 0,
-                 max_samples: int | None = None) -> None:
+                 category_in_caption: bool = False, max_samples: int | None = None) -> None:
         if split not in SPLIT_RANGES:
             raise ValueError(f"clipart split must be one of {tuple(SPLIT_RANGES)}, got {split!r}")
         if level not in (1, 2):
@@ -244,7 +249,7 @@ class ClipArt(Dataset):
         self.images = np.load(npy, mmap_mode="r")
         self.rows = np.array(rows, dtype=np.int64)
         self.paths = [meta["paths"][i] for i in rows]
-        self.clean_texts = [caption(p) for p in self.paths]
+        self.clean_texts = [caption(p, category_in_caption) for p in self.paths]
         self.texts, self.mismatched = mismatch_captions(self.clean_texts, caption_noise if split == "train" else 0.0,
                                                         noise_seed)
         self.labels = torch.tensor([lookup[cats[i]] for i in rows], dtype=torch.long)

@@ -34,7 +34,9 @@ class Scenes:
         angle: `(N, K)` rotation in radians; tint: `(N, K, 3)` per-channel colour gain.
         bg: `(N, 2, 3)` two muted background colours; bg_angle: `(N,)`; bg_period: `(N,)` pixels
             per stripe / check; texture: whether objects are drawn with a stripe texture.
-        shifted: the distribution-shifted style (textured backgrounds and objects).
+        shift: strength of the distribution-shifted style in [0, 1]: 0 plain (gradient backgrounds,
+            flat objects), 1 striped / checked backgrounds and striped objects; in between, both
+            textures at that fraction of their contrast.
     """
 
     shape: np.ndarray
@@ -48,14 +50,14 @@ class Scenes:
     bg: np.ndarray
     bg_angle: np.ndarray
     bg_period: np.ndarray
-    shifted: bool
+    shift: float
 
     def __len__(self) -> int:
         return len(self.shape)
 
 
 def sample_scenes(rng: np.random.Generator, n: int, n_shapes: int, n_colours: int,
-                  max_objects: int, max_rotation: float, shifted: bool) -> Scenes:
+                  max_objects: int, max_rotation: float, shift: float = 0.0) -> Scenes:
     """Draw `n` scenes; the number of objects per scene is uniform in `[1, max_objects]`."""
     if not 1 <= max_objects <= 4:
         raise ValueError(f"max_objects must be in [1, 4] (one object per quadrant), got {max_objects}")
@@ -80,7 +82,7 @@ def sample_scenes(rng: np.random.Generator, n: int, n_shapes: int, n_colours: in
         angle=rng.uniform(-max_rotation, max_rotation, size=(n, k)),
         tint=rng.uniform(0.75, 1.1, size=(n, k, 3)),
         bg=muted_colours(rng, n), bg_angle=rng.uniform(0, np.pi, size=n),
-        bg_period=rng.uniform(0.08, 0.2, size=n), shifted=shifted,
+        bg_period=rng.uniform(0.08, 0.2, size=n), shift=shift,
     )
 
 
@@ -121,17 +123,17 @@ def shape_mask(name: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 
 def background(s: Scenes, i: int, size: int) -> np.ndarray:
-    """`(size, size, 3)` float background: a linear gradient, or (shifted) stripes / checks."""
+    """`(size, size, 3)` float background: a linear gradient, blended (shift) with stripes / checks."""
     yy, xx = np.ogrid[0:size, 0:size]  # (size, 1) and (1, size): broadcasting makes the grid
     yy, xx = yy / size, xx / size
     along = np.cos(s.bg_angle[i]) * xx + np.sin(s.bg_angle[i]) * yy
-    if s.shifted:
+    weight = (along - along.min()) / max(np.ptp(along), 1e-6)
+    if s.shift > 0:
         stripes = np.floor(along / s.bg_period[i]).astype(int)
         checks = stripes + np.floor((np.cos(s.bg_angle[i]) * yy - np.sin(s.bg_angle[i]) * xx)
                                     / s.bg_period[i]).astype(int)
-        weight = ((checks if i % 2 else stripes) % 2).astype(float)
-    else:
-        weight = (along - along.min()) / max(np.ptp(along), 1e-6)
+        texture = ((checks if i % 2 else stripes) % 2).astype(float)
+        weight = (1 - s.shift) * weight + s.shift * texture
     return s.bg[i, 0] * (1 - weight[..., None]) + s.bg[i, 1] * weight[..., None]
 
 
@@ -152,8 +154,8 @@ def render(s: Scenes, i: int, size: int, noise: float = 6.0) -> np.ndarray:
         mask = shape_mask(SHAPES[s.shape[i, k]], u, v)
         rgb = np.clip(palette[s.colour[i, k]] * s.tint[i, k], 0, 255)
         fill = np.broadcast_to(rgb, mask.shape + (3,))
-        if s.shifted:  # a diagonal stripe texture on the object: a new style at test time
-            fill = fill * (0.7 + 0.3 * (np.floor((u + v) * 2.5) % 2))[..., None]
+        if s.shift > 0:  # a diagonal stripe texture on the object: a new style at test time
+            fill = fill * (1 - 0.3 * s.shift + 0.3 * s.shift * (np.floor((u + v) * 2.5) % 2))[..., None]
         img[lo_y:hi_y, lo_x:hi_x][mask] = fill[mask]
     grain = np.random.default_rng(i).standard_normal(img.shape) * noise  # = normal(0, noise), bit for bit
     return np.clip(img + grain, 0, 255).astype(np.uint8)

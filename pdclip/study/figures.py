@@ -1,5 +1,6 @@
-"""The study's figures: accuracy and gains against noise or size, effective robustness, and the
-soft targets' quality over training, drawn from result rows (matplotlib is imported only here)."""
+"""The study's figures: accuracy and gains against noise or size, validation scores against steps,
+effective robustness, and the soft targets' quality over training, drawn from result rows
+(matplotlib is imported only here)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from pdclip.config import METHODS
-from pdclip.study.presets import HEADLINE
+from pdclip.study.presets import HEADLINE, headline
+from pdclip.study.results import scores
 from pdclip.study.stats import aggregate, paired_gains
 from pdclip.study.tables import metric
 
@@ -46,13 +48,14 @@ def plot_sweep(rows: list[dict], x_field: str, columns: Sequence[str], path: Pat
     return _save(fig, path)
 
 
-def plot_robustness(rows: list[dict], path: Path) -> str | None:
-    """Shift vs test headline accuracy: every CLIP run (grey squares, they fix the trend, as in the
-    tables) and one point per other (method, noise), averaged over seeds, coloured by method."""
+def plot_robustness(rows: list[dict], path: Path, shift: str = "shift_mild") -> str | None:
+    """Shifted vs test headline accuracy at the zero-shot budget: every CLIP run (grey squares, they fix
+    the trend, as in the tables) and one point per other (method, noise), averaged over seeds, coloured
+    by method; the dashed lines are chance."""
     from pdclip.viz import plot_effective_robustness
 
-    rows = [r for r in rows if f"shift/{HEADLINE}" in r["metrics"]]
-    acc = lambda r: (r["metrics"][f"test/{HEADLINE}"], r["metrics"][f"shift/{HEADLINE}"])  # noqa: E731
+    rows = [r for r in rows if f"{shift}/{HEADLINE}" in scores(r)]
+    acc = lambda r: (scores(r)[f"test/{HEADLINE}"], scores(r)[f"{shift}/{HEADLINE}"])  # noqa: E731
     base = np.array([acc(r) for r in rows if r["cell"]["method"] == "clip"])
     groups: dict[tuple, list] = {}
     for r in rows:
@@ -60,9 +63,10 @@ def plot_robustness(rows: list[dict], path: Path) -> str | None:
             groups.setdefault((r["cell"]["method"], r["cell"]["noise"]), []).append(acc(r))
     if len({a for a, _ in base}) < 2 or not groups:
         return None
+    chance = float(np.mean([scores(r)[f"chance/{shift}/{HEADLINE}"] for r in rows]))
     # 20 (method, noise) points crowd each other: colour says the method, no text labels.
-    ax = plot_effective_robustness(base[:, 0], base[:, 1], ["clip"] * len(base), ["clip"],
-                                   title="Effective robustness (colour+shape top-1)")
+    ax = plot_effective_robustness(base[:, 0], base[:, 1], ["clip"] * len(base), ["clip"], chance=chance,
+                                   title=f"Effective robustness, {shift.replace('_', ' ')} (colour+shape top-1)")
     for i, method in enumerate(METHODS):
         points = np.array([np.mean(v, axis=0) for (m, _), v in groups.items() if m == method])
         if len(points):
@@ -72,6 +76,39 @@ def plot_robustness(rows: list[dict], path: Path) -> str | None:
     handles = [(h, lab) for h, lab in zip(*ax.get_legend_handles_labels(), strict=True) if lab != "models"]
     ax.legend(*zip(*handles, strict=True), fontsize=7, loc="upper left")  # "models": the empty non-baselines
     return _save(ax.figure, path)
+
+
+def plot_curves(rows: list[dict], path: Path) -> str | None:
+    """Validation zero-shot and R@1 against steps, per method the mean over seeds and the seeds' range,
+    one column per (dataset, noise level): where each method peaks, and how fast it declines after."""
+    import matplotlib.pyplot as plt
+
+    from pdclip.viz import plot_seed_curves
+
+    rows = [r for r in rows if r.get("curve") and not r["cell"]["variant"]]
+    datasets = sorted({r["cell"]["dataset"] for r in rows})
+    noises = sorted({r["cell"]["noise"] for r in rows})
+    if not rows:
+        return None
+    fig, axes = plt.subplots(2 * len(datasets), len(noises), figsize=(3.4 * len(noises), 2.8 * 2 * len(datasets)),
+                             layout="constrained", squeeze=False)
+    for d, dataset in enumerate(datasets):
+        chance = next(r["budgets"]["final"]["metrics"] for r in rows if r["cell"]["dataset"] == dataset)
+        for col, noise in enumerate(noises):
+            curves = {m: [r["curve"] for r in rows if (r["cell"]["dataset"], r["cell"]["noise"], r["cell"]["method"])
+                          == (dataset, noise, m)] for m in METHODS}
+            curves = {m: c for m, c in curves.items() if c}
+            for k, (key, label) in enumerate(((f"val/{headline(dataset)}", "val ZS"),
+                                              ("val/retrieval/i2t_R@1", "val R@1 i→t"))):
+                ax = axes[2 * d + k, col]
+                if not curves:
+                    ax.set_axis_off()
+                    continue
+                plot_seed_curves(curves, key, ax, chance=chance.get(f"chance/{key}"),
+                                 title=f"{dataset}, ν = {noise:g}", ylabel=label)
+                if (d, k, col) != (0, 0, 0):
+                    ax.get_legend().remove()
+    return _save(fig, path)
 
 
 def plot_target_quality(rows: list[dict], path: Path) -> str | None:
@@ -110,7 +147,10 @@ def make_figures(preset_name: str, rows: list[dict], figures: Path) -> dict[str,
                                         figures / f"{preset_name}_accuracy_vs_noise.png"),
         f"gain over CLIP vs {x_field}": plot_sweep(size_rows or noise_rows, x_field, ("ZS", "R@1 i→t"),
                                                    figures / f"{preset_name}_gain_vs_{x_field}.png", gains=True),
-        "effective robustness": plot_robustness(noise_rows, figures / f"{preset_name}_effective_robustness.png"),
+        "validation scores against steps": plot_curves(
+            [r for r in rows if {"noise", "clipart_noise"} & set(r["cell"]["experiments"])],
+            figures / f"{preset_name}_curves.png"),
+        "effective robustness, mild shift": plot_robustness(noise_rows, figures / f"{preset_name}_effective_robustness.png"),
         "target quality over training": plot_target_quality(noise_rows, figures / f"{preset_name}_target_quality.png"),
     }
     return {title: name for title, name in figs.items() if name}

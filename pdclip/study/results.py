@@ -1,5 +1,6 @@
-"""The study folder: `<out>/base.json` (the shared settings its cells were run with) and
-`<out>/cells/<cell id>/result.json` (one per finished cell; `pdclip.study.runner` writes them)."""
+"""The study folder: `<out>/base.json` (the shared settings its cells were run with),
+`<out>/cells/<cell id>/result.json` (one per finished cell; `pdclip.study.runner` writes them) and
+`<out>/reference/<name>.json` (the raw backbone's linear probe, `runner.reference_probes`)."""
 
 from __future__ import annotations
 
@@ -25,12 +26,35 @@ def load_results(out: str | Path, cells: list[dict] | None = None) -> list[dict]
     experiment added later (an ablation whose default arm was run by another experiment) includes it.
     """
     if cells is None:
-        return [json.loads(p.read_text()) for p in sorted(Path(out, "cells").glob("*/result.json"))]
+        return [_upgrade(json.loads(p.read_text())) for p in sorted(Path(out, "cells").glob("*/result.json"))]
     rows = []
     for cell in cells:
         path = Path(out, "cells", cell["id"], "result.json")
         if path.exists():
-            row = json.loads(path.read_text())
+            row = _upgrade(json.loads(path.read_text()))
             row["cell"]["experiments"] = cell["experiments"]
             rows.append(row)
     return rows
+
+
+def _upgrade(row: dict) -> dict:
+    """A result written before budgets were chosen on validation (its one `metrics`, at the last step)."""
+    if "budgets" not in row:
+        row["budgets"] = {"final": {"step": None, "metrics": row.pop("metrics"), "samples": {}}}
+        row["probe_budget"] = "final"
+    return row
+
+
+def scores(row: dict, budget: str = "zeroshot") -> dict[str, float]:
+    """A result's metrics at one of its evaluations: "final" (the last step), "zeroshot" or "retrieval"
+    (the steps chosen on validation for them); runs without a selection have only "final"."""
+    return row["budgets"][budget if budget in row["budgets"] else "final"]["metrics"]
+
+
+def load_references(out: str | Path) -> dict[tuple[str, int | None], float]:
+    """`{(dataset, n_train): test accuracy}` of the raw-backbone linear probes under `<out>/reference`."""
+    refs = {}
+    for path in sorted(Path(out, "reference").glob("*.json")):
+        dataset, _, size = path.stem.partition("-n")
+        refs[(dataset, int(size) if size else None)] = json.loads(path.read_text())["acc"]
+    return refs

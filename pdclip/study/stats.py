@@ -4,29 +4,11 @@ differences paired by seed, and each run's effective robustness."""
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
-import numpy as np
-
+from pdclip.metrics import mean_ci
 from pdclip.study.presets import HEADLINE
-
-
-def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, int]:
-    """Mean and the half-width of its two-sided t-distribution confidence interval.
-
-    Returns:
-        `(mean, half_width, n)`; the half-width is NaN for fewer than two finite values.
-    """
-    from scipy.stats import t
-
-    x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
-    if len(x) == 0:
-        return math.nan, math.nan, 0
-    if len(x) == 1:
-        return float(x[0]), math.nan, 1
-    half = t.ppf(0.5 + confidence / 2, df=len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
-    return float(x.mean()), float(half), len(x)
+from pdclip.study.results import scores
 
 
 def group_key(cell: dict) -> tuple:
@@ -43,7 +25,7 @@ def aggregate(rows: list[dict], value: Callable[[dict], float | None]) -> dict[t
     return {g: {m: mean_ci(v) for m, v in by_method.items()} for g, by_method in groups.items()}
 
 
-def _arm(cell: dict, by: str) -> str:
+def arm_of(cell: dict, by: str) -> str:
     """What a comparison varies: the method, or (ablations) the variant."""
     return cell["method"] if by == "method" else json.dumps(cell["variant"], sort_keys=True)
 
@@ -61,7 +43,7 @@ def paired_gains(rows: list[dict], value: Callable[[dict], float | None],
     """
     baseline = "clip" if by == "method" else "{}"
     group = group_key if by == "method" else (lambda c: group_key({**c, "variant": {}}))
-    by_seed = {(group(r["cell"]), _arm(r["cell"], by), r["cell"]["seed"]): value(r) for r in rows}
+    by_seed = {(group(r["cell"]), arm_of(r["cell"], by), r["cell"]["seed"]): value(r) for r in rows}
     out: dict[tuple, dict[str, list]] = {}
     for (g, arm, seed), v in by_seed.items():
         base = by_seed.get((g, baseline, seed))
@@ -70,18 +52,20 @@ def paired_gains(rows: list[dict], value: Callable[[dict], float | None],
     return {g: {a: mean_ci(d) for a, d in by_arm.items()} for g, by_arm in out.items()}
 
 
-def run_effective_robustness(rows: list[dict], key: str = HEADLINE, baseline: str = "clip") -> dict[str, float]:
-    """Each run's effective robustness (shift vs test `key`) against the trend of the baseline runs.
+def run_effective_robustness(rows: list[dict], key: str = HEADLINE, baseline: str = "clip", budget: str = "selected",
+                             shift: str = "shift_mild") -> dict[str, float]:
+    """Each run's effective robustness (`shift` vs test `key`) against the trend of the baseline runs,
+    at the zero-shot budget ("selected") or the last step ("final").
 
     Returns:
         `{cell id: shifted accuracy minus the baseline trend's prediction}`; empty when the rows have
-        no shift split or fewer than two distinct baseline accuracies.
+        no such shift split or fewer than two distinct baseline accuracies.
     """
     from pdclip.evaluate import robustness_table
 
-    rows = [r for r in rows if f"shift/{key}" in r["metrics"]]
-    results = {r["cell"]["id"]: r["metrics"] for r in rows}
-    baselines = [r["cell"]["id"] for r in rows if r["cell"]["method"] == baseline]
+    name = "final" if budget == "final" else "zeroshot"
+    results = {r["cell"]["id"]: scores(r, name) for r in rows if f"{shift}/{key}" in scores(r, name)}
+    baselines = [r["cell"]["id"] for r in rows if r["cell"]["method"] == baseline and r["cell"]["id"] in results]
     if len({results[b][f"test/{key}"] for b in baselines}) < 2:
         return {}
-    return robustness_table(results, baselines, key)
+    return robustness_table(results, baselines, key, shift_split=shift)
