@@ -38,7 +38,7 @@ benchmarks: setup
 
 # The reproduction study (docs/results.md), resumable (finished runs are skipped), two single-threaded
 # runs at a time. study: the main one, pretrained frozen towers on cached features, each run's budget chosen
-# on validation (330 runs; seeds 0-2 of all but the size sweep, 171 runs, took STUDY_TIME measured).
+# on validation (330 runs; seeds 0-2 of all but the size sweep, 168 runs, took 93 min on 2 shared cores).
 # study-scratch: towers from scratch (162 runs, ~2 h). study-quick: its 30-run slice (~25 min).
 study: setup clipart
 	$(PY) -m pdclip.study --preset frozen --out runs/study-frozen --jobs 2 --results docs/results.md

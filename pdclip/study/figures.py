@@ -73,7 +73,12 @@ def plot_robustness(rows: list[dict], path: Path, shift: str = "shift_mild") -> 
             ax.scatter(points[:, 0], points[:, 1], color=f"C{i}", zorder=4, label=f"{method} (one ν each)")
     for text in list(ax.texts):  # the baselines' "clip" labels
         text.remove()
-    handles = [(h, lab) for h, lab in zip(*ax.get_legend_handles_labels(), strict=True) if lab != "models"]
+    for points in ax.collections:  # every CLIP run in one grey, as the docstring says: they are one group
+        if points.get_label() == "clip (baseline)":
+            points.set_facecolor("0.6")
+    seen: set[str] = set()  # one legend entry per label ("clip (baseline)" once, not once per run)
+    handles = [(h, lab) for h, lab in zip(*ax.get_legend_handles_labels(), strict=True)
+               if lab != "models" and not (lab in seen or seen.add(lab))]
     ax.legend(*zip(*handles, strict=True), fontsize=7, loc="upper left")  # "models": the empty non-baselines
     return _save(ax.figure, path)
 
@@ -141,6 +146,8 @@ def make_figures(preset_name: str, rows: list[dict], figures: Path) -> dict[str,
     """Draw the report's figures into `figures`; returns `{title: file name}` of those drawn."""
     noise_rows = [r for r in rows if "noise" in r["cell"]["experiments"]]  # the figures' sweep
     size_rows = [r for r in rows if "size" in r["cell"]["experiments"]]
+    if len({r["cell"]["n_train"] for r in size_rows}) < 2:  # the sweep's other sizes not run yet
+        size_rows = []
     x_field = "n_train" if size_rows else "noise"
     figs = {
         "accuracy vs noise": plot_sweep(noise_rows, "noise", ("ZS", "R@1 i→t"),
