@@ -34,6 +34,7 @@ def plot_effective_robustness(
     ax=None,
     title: str = "Effective robustness",
     chance: float | None = None,
+    groups: Sequence[str] | None = None,
 ):
     """Shifted vs in-distribution accuracy on logit axes, with the baselines' trend line (Taori et al.).
 
@@ -45,6 +46,8 @@ def plot_effective_robustness(
         baselines: the names whose points fix the trend line (at least two distinct accuracies).
         ax: a matplotlib Axes to draw into, or None for a new figure.
         chance: the accuracy of guessing, on both axes; drawn as dashed lines when given.
+        groups: one group per model (e.g. its method): points are coloured, and named once in the
+            legend, by group instead of one colour and entry per model (many seeds stay readable).
 
     Returns:
         The Axes.
@@ -64,11 +67,16 @@ def plot_effective_robustness(
     if chance is not None:
         ax.axvline(chance, ls="--", c="0.5", lw=0.8, label=f"chance ({chance:.1%})")
         ax.axhline(chance, ls="--", c="0.5", lw=0.8)
-    # One colour per model, named in the legend beside the plot: models a point apart stay readable
-    # (text labels next to clumped points overlapped each other or the markers).
-    for i, (x, y, name, base) in enumerate(zip(id_acc, shift_acc, names, is_base, strict=True)):
-        ax.scatter(x, y, color=f"C{i % 10}", marker="s" if base else "o", edgecolors="0.2", zorder=3,
-                   label=f"{name} (baseline)" if base else name)
+    # One colour per model (or group), named once in the legend beside the plot: models a point apart
+    # stay readable (text labels next to clumped points overlapped each other or the markers).
+    labels = list(names) if groups is None else list(groups)
+    colour = {g: f"C{i % 10}" for i, g in enumerate(dict.fromkeys(labels))}
+    seen: set[str] = set()
+    for x, y, label, base in zip(id_acc, shift_acc, labels, is_base, strict=True):
+        label = f"{label} (baseline)" if base else label
+        ax.scatter(x, y, color=colour[label.removesuffix(" (baseline)")], marker="s" if base else "o",
+                   edgecolors="0.2", zorder=3, label=None if label in seen else label)
+        seen.add(label)
     _percent_logit_axes(ax, lo, hi)
     ax.set_xlabel("in-distribution accuracy")
     ax.set_ylabel("shifted accuracy")

@@ -122,3 +122,13 @@ def test_seed_intervals_keep_a_point_near_chance_in_view():
     assert lo == 0 and hi > 0.34 and ax.get_legend() is None  # no legend box over the low point
     assert ax.containers[0].lines[0].get_ydata()[0] == pytest.approx(0.32)  # CLIP's mean over its seeds
     assert ax.containers[1].lines[0].get_ydata()[0] == pytest.approx(0.07)  # one seed: its value, no interval
+
+
+def test_robustness_points_of_one_group_share_a_colour_and_one_legend_entry():
+    names = ["CLIP s0", "CLIP s1", "OTTER s0", "OTTER s1"]
+    ax = viz.plot_effective_robustness([0.5, 0.6, 0.55, 0.65], [0.4, 0.5, 0.42, 0.52], names, names[:2],
+                                       groups=["CLIP", "CLIP", "OTTER", "OTTER"])
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels.count("CLIP (baseline)") == 1 and labels.count("OTTER") == 1
+    colours = [tuple(c.get_facecolor()[0]) for c in ax.collections]
+    assert colours[0] == colours[1] and colours[2] == colours[3] and colours[0] != colours[2]

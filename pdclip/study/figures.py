@@ -49,9 +49,9 @@ def plot_sweep(rows: list[dict], x_field: str, columns: Sequence[str], path: Pat
 
 
 def plot_robustness(rows: list[dict], path: Path, shift: str = "shift_mild") -> str | None:
-    """Shifted vs test headline accuracy at the zero-shot budget: every CLIP run (grey squares, they fix
-    the trend, as in the tables) and one point per other (method, noise), averaged over seeds, coloured
-    by method; the dashed lines are chance."""
+    """Shifted vs test headline accuracy at the zero-shot budget: every CLIP run (squares in CLIP's
+    colour, they fix the trend, as in the tables) and one point per other (method, noise), averaged
+    over seeds, coloured by method; the dashed lines are chance."""
     from pdclip.viz import plot_effective_robustness
 
     rows = [r for r in rows if f"{shift}/{HEADLINE}" in scores(r)]
@@ -73,12 +73,7 @@ def plot_robustness(rows: list[dict], path: Path, shift: str = "shift_mild") -> 
             ax.scatter(points[:, 0], points[:, 1], color=f"C{i}", zorder=4, label=f"{method} (one ν each)")
     for text in list(ax.texts):  # the baselines' "clip" labels
         text.remove()
-    for points in ax.collections:  # every CLIP run in one grey, as the docstring says: they are one group
-        if points.get_label() == "clip (baseline)":
-            points.set_facecolor("0.6")
-    seen: set[str] = set()  # one legend entry per label ("clip (baseline)" once, not once per run)
-    handles = [(h, lab) for h, lab in zip(*ax.get_legend_handles_labels(), strict=True)
-               if lab != "models" and not (lab in seen or seen.add(lab))]
+    handles = [(h, lab) for h, lab in zip(*ax.get_legend_handles_labels(), strict=True) if lab != "models"]
     ax.legend(*zip(*handles, strict=True), fontsize=7, loc="upper left")  # "models": the empty non-baselines
     return _save(ax.figure, path)
 

@@ -63,15 +63,16 @@ def experiment_section(name: str, experiment: dict, rows: list[dict], references
     return lines
 
 
-def budget_section(comparisons: list[dict]) -> list[str]:
+def budget_section(comparisons: list[dict], base: dict) -> list[str]:
     """How the fixed-budget protocol compares: gains at the last step, and the steps validation chose."""
     table, n = summary_table(comparisons, "ZS", budget="final")
     return ["### Budgets: chosen on validation, against one fixed budget", "",
-            "Each run is evaluated at 17 steps up to 750 on **validation** only; its zero-shot columns are "
+            f"Each run is evaluated at {len(base['eval_steps'])} steps up to {base['steps']} on **validation** "
+            "only; its zero-shot columns are "
             "read at its best validation zero-shot step, its retrieval columns at its best validation R@1 "
-            "step, its linear probe at whichever of those two steps or the last gives the best validation "
+            "step, its linear probe at the zero-shot step or the last, whichever gives the better validation "
             "probe accuracy. The mean step chosen (zero-shot / retrieval):", "", *steps_table(comparisons), "",
-            f"The same comparison read at the last step (750), as a fixed-budget protocol would; {RULE}; "
+            f"The same comparison read at the last step ({base['steps']}), as a fixed-budget protocol would; {RULE}; "
             f"{n} comparisons:", "", *table, ""]
 
 
@@ -102,7 +103,7 @@ def write_report(preset_name: str, out: Path, results_path: Path, figures: Path)
             table, n = summary_table(comparisons, column)
             lines += [f"{column}, {n} comparisons:", "", *table, ""]
         if selected:
-            lines += budget_section(comparisons)
+            lines += budget_section(comparisons, preset["base"])
     for name, experiment in preset["experiments"].items():
         lines += experiment_section(name, experiment, [r for r in rows if name in r["cell"]["experiments"]], references)
     rel = Path(os.path.relpath(figures, results_path.parent))

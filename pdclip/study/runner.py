@@ -135,7 +135,7 @@ def _run_cell(cell: dict, base: dict, cell_dir: Path) -> dict:
             continue
         needs = datasets if name == "zeroshot" else {s: datasets[s] for s in ("val", "test")}
         budgets[name] = (step, *evaluate_samples(encoder, needs, probe_only=("train",)))
-    # The probe is read at whichever of those steps its own validation accuracy prefers.
+    # The probe is read at the zero-shot step or the last, whichever its own validation accuracy prefers.
     probe = max(budgets, key=lambda b: budgets[b][1].get("linear_probe/val_acc", -1.0))
     quality = (run_target_quality(cfg.out, datasets["train"], cfg.loss.mix_alpha)
                if hasattr(datasets["train"], "true_correspondence") else [])

@@ -23,8 +23,8 @@ COLUMNS = {  # table column -> metric key ("{h}" = the dataset's headline zero-s
 ZS_NOTE = ("ZS: zero-shot top-1 on the synthetic source's 48 colour×shape classes; on clip art, whose 16 "
            "classes are unbalanced, balanced accuracy (mean per-class recall)")
 # Budgets: "selected" reads each column at the run's step chosen on validation for it (zero-shot
-# columns at the best val zero-shot, retrieval at the best val R@1, the probe at its own best val
-# accuracy among those steps; `pdclip.study.runner`); "final" reads every column at the last step.
+# columns at the best val zero-shot, retrieval at the best val R@1, the probe at the zero-shot step or
+# the last, whichever its val accuracy prefers; `pdclip.study.runner`); "final" reads the last step.
 BUDGET_OF = {"val ZS": "zeroshot", "ZS": "zeroshot", "ZS hit@1": "zeroshot", "val R@1 i→t": "retrieval",
              "R@1 i→t": "retrieval", "R@1 t→i": "retrieval"}
 ALPHA = 0.05  # family-wise error rate of the Holm-corrected verdicts
