@@ -14,8 +14,8 @@ happens after the best step, and `restore` puts the best weights back afterwards
 
 `fit_selected` does all of it and scores the model at every chosen step (notebooks 06 and 08).
 
-One metric can peak long before another (on noisy clip art, zero-shot accuracy peaks within the
-first 100 steps while retrieval still climbs at 750): each is read at its own best step.
+One metric can peak long before another (on noisy clip art, CLIP's zero-shot accuracy peaks within
+the first 100 steps while its retrieval still climbs at 750): each is read at its own best step.
 """
 
 from __future__ import annotations
