@@ -136,17 +136,19 @@ class TrainConfig:
     # Model (pdclip.models.create_model); OTTER initialises both log-temperatures at 3.9.
     model: str = "pdclip-vit-tiny"  # an open_clip architecture (pdclip/model_configs/*.json or open_clip's)
     pretrained_text: str | None = None  # e.g. "all-MiniLM-L6-v2": an offline sentence encoder (pdclip[text])
-    freeze_text: bool = False  # with pretrained_text: train only its new head
+    freeze_text: bool = False  # with pretrained_text: train only its new head (and trainable_text_layers)
+    trainable_text_layers: int = 0  # with freeze_text: its last transformer layers that still train
     pretrained_image: str | None = None  # e.g. "efficientnet_lite0": offline ImageNet weights (pdclip.towers)
     freeze_image: bool = False  # fix the pretrained image tower but trainable_blocks (+ an offline one's head); open_clip's --lock-image
     trainable_blocks: int = 0  # with freeze_image: its last blocks (open_clip towers: layer groups) that still train
-    pretrained_lr_scale: float = 0.1  # lr multiplier of the image backbone's trainable pretrained weights
+    pretrained_lr_scale: float = 0.1  # lr multiplier of the trainable pretrained weights (image blocks, text layers)
     image_size: int | None = None  # None: the offline backbone's ImageNet size, else the architecture's
     head: str = "linear"  # the pretrained towers' new projection heads: "linear" | "mlp"
     head_hidden: int = 512  # the "mlp" head's hidden width
     embed_dim: int | None = None  # the shared dimension D; None keeps the architecture's
-    # Feature cache (pdclip.features): both pretrained towers frozen, their backbones run once per image
-    # and caption (features on disk), then only the heads train. No augmentation unless feature_views > 1.
+    # Feature cache (pdclip.features): both pretrained towers frozen, their frozen trunks run once per image
+    # and caption (outputs on disk), then only the heads and the trainable blocks / text layers train.
+    # No augmentation unless feature_views > 1.
     feature_cache: bool = False
     feature_views: int = 1  # image views of the training split: 0 plain, 1.. augmented; epoch e reads e % K
     feature_cache_dir: str | None = None  # None: $PDCLIP_FEATURE_CACHE, else a checkout's .cache/features (pdclip.runtime.cache_dir)
@@ -198,7 +200,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "num_workers",
-                     "save_every", "eval_every", "snapshot_every", "trainable_blocks"):
+                     "save_every", "eval_every", "snapshot_every", "trainable_blocks", "trainable_text_layers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("image_size", "embed_dim"):
@@ -220,10 +222,14 @@ class TrainConfig:
             raise ValueError(f"keep_checkpoints must be >= 0 (0 keeps every checkpoint), got {self.keep_checkpoints}")
         if self.dataset == "shards" and not (self.train_data or self.data_kwargs.get("urls")):
             raise ValueError("--dataset shards needs the training shards: --train-data 'path/to/shard-{0000..0099}.tar'")
+        if self.trainable_text_layers and not (self.pretrained_text and self.freeze_text):
+            raise ValueError("trainable_text_layers needs pretrained_text + freeze_text (without freeze_text "
+                             "every layer trains)")
         frozen = self.pretrained_text and self.freeze_text and self.pretrained_image and self.freeze_image
-        if self.feature_cache and not (frozen and self.trainable_blocks == 0):
-            raise ValueError("feature_cache needs both pretrained towers frozen: pretrained_text + freeze_text, "
-                             "pretrained_image + freeze_image, and trainable_blocks=0")
+        if self.feature_cache and not frozen:
+            raise ValueError("feature_cache needs both pretrained towers frozen (the trainable_blocks / "
+                             "trainable_text_layers excepted): pretrained_text + freeze_text, "
+                             "pretrained_image + freeze_image")
 
     def to_dict(self) -> dict:
         return asdict(self)

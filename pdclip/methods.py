@@ -39,7 +39,8 @@ class MethodOutput:
 
     loss: Tensor  # scalar, with grad
     # Detached scalar tensors (and PSD's alpha, a float): the training loop reads them all in one host
-    # sync per step; `float(v)` reads one.
+    # sync per step; `float(v)` reads one. `train_confidence`: the batch's mean image→text softmax on
+    # the given caption; `target_offdiag`: the targets' mean mass off it (PSD, KD, OTTER).
     parts: dict[str, Tensor | float]
     logits: Tensor  # (B, B) image→text logits of the global batch, detached
     # The (B, B) targets, built only when asked for (snapshots): CLIP's and PSD's losses do without them.
@@ -139,6 +140,9 @@ def method_loss(
             y_i2t, y_t2i = make_targets()
             loss, make_targets = soft_ce(logits, y_i2t, y_t2i), _known(y_i2t, y_t2i)  # built once
         parts["alpha"] = float(alpha)
+        if soft is not None and hard is None:  # α x the teacher's mass off the given caption, per row
+            off = 1 - soft[0].gather(1, chosen[:, None])
+            parts["target_offdiag"] = alpha * off.sum() / n
     else:  # kd, otter: L = a L_clip(t_c) + (1 - a) L_soft(Y, t_s)
         t_img, t_txt = _gathered_teacher(teacher_image_features, teacher_text_features)
         if cfg.method == "kd":
@@ -150,10 +154,14 @@ def method_loss(
         scale_soft = logit_scale if logit_scale_soft is None else logit_scale_soft
         loss_soft = soft_ce(scale_soft * similarity, y_i2t, y_t2i)
         loss = cfg.mix_alpha * loss_clip + (1 - cfg.mix_alpha) * loss_soft
-        parts.update(loss_clip=loss_clip.detach(), loss_soft=loss_soft.detach())
+        parts.update(loss_clip=loss_clip.detach(), loss_soft=loss_soft.detach(),
+                     target_offdiag=1 - y_i2t.diagonal().mean())  # of the soft term's targets
         make_targets = _known(y_i2t, y_t2i)
 
     parts["loss"] = loss.detach()
+    # How sure the student is of its own training pairs: a self-teacher that puts most of its mass on
+    # the given caption only echoes the (possibly wrong) label (docs/methods.md §5).
+    parts["train_confidence"] = logits.detach().softmax(-1).diagonal().mean()
     return MethodOutput(loss, parts, logits.detach(), make_targets)
 
 

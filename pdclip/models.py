@@ -140,6 +140,7 @@ def _open_clip_quietly(random_towers: bool = False):
 
 
 def create_model(name: str, pretrained_text: str | None = None, *, freeze_text: bool = False,
+                 trainable_text_layers: int = TrainConfig.trainable_text_layers,
                  pretrained_image: str | None = None, freeze_image: bool = False, trainable_blocks: int = 0,
                  image_size: int | None = None, head: str = TrainConfig.head, head_hidden: int = TrainConfig.head_hidden,
                  embed_dim: int | None = None, init_logit_scale: float = TrainConfig.init_logit_scale,
@@ -150,7 +151,8 @@ def create_model(name: str, pretrained_text: str | None = None, *, freeze_text: 
         name: an open_clip architecture (`open_clip.list_models()`) or one of pdclip's `PDCLIP_MODELS`.
         pretrained_text: a sentence-encoder directory or hub name replacing the text tower; `None`
             keeps open_clip's randomly initialised text transformer and CLIP BPE tokenizer.
-        freeze_text: with `pretrained_text`, train only the head of the text tower.
+        freeze_text: with `pretrained_text`, train only the head of the text tower...
+        trainable_text_layers: ...and its last this many transformer layers.
         pretrained_image: an offline ImageNet backbone of `pdclip.towers.IMAGE_TOWERS` (e.g.
             `"efficientnet_lite0"`) replacing the image tower; or an open_clip pretrained tag (e.g.
             `"openai"`) or `"timm"` (ImageNet weights for a timm image tower such as
@@ -175,6 +177,8 @@ def create_model(name: str, pretrained_text: str | None = None, *, freeze_text: 
         raise ValueError(f"unknown model {name!r}; pdclip's: {PDCLIP_MODELS}, or any of open_clip.list_models()")
     if freeze_text and pretrained_text is None:
         raise ValueError("freeze_text=True needs pretrained_text (a randomly initialised tower would stay random)")
+    if trainable_text_layers and not freeze_text:
+        raise ValueError("trainable_text_layers needs freeze_text=True (without it every layer trains)")
     offline = pretrained_image in IMAGE_TOWERS
     tags = open_clip.list_pretrained_tags_by_model(name)
     # Without load_weights a weights file need not exist any more: a checkpoint holds the weights.
@@ -205,7 +209,7 @@ def create_model(name: str, pretrained_text: str | None = None, *, freeze_text: 
             text, tokenizer = clip.text, open_clip.get_tokenizer(name)
     else:
         text = SentenceEncoderText(pretrained_text, cfg["embed_dim"], freeze=freeze_text, head=head,
-                                   head_hidden=head_hidden)
+                                   head_hidden=head_hidden, trainable_layers=trainable_text_layers)
         tokenizer = text.tokenize
     if offline:
         backbone = ImageBackbone(pretrained_image, freeze=freeze_image, trainable_blocks=trainable_blocks)
@@ -241,6 +245,7 @@ def model_from_config(cfg: TrainConfig, weights: bool = True) -> DualEncoder:
             state dict to fill (an online `pretrained_image` tag is then not downloaded).
     """
     model = create_model(cfg.model, cfg.pretrained_text, freeze_text=cfg.freeze_text,
+                         trainable_text_layers=cfg.trainable_text_layers,
                          pretrained_image=cfg.pretrained_image, load_weights=weights,
                          freeze_image=cfg.freeze_image, trainable_blocks=cfg.trainable_blocks,
                          image_size=cfg.image_size, head=cfg.head, head_hidden=cfg.head_hidden,
@@ -261,22 +266,31 @@ def state_sha256(module: nn.Module) -> str:
 
 
 def frozen_backbones(model: nn.Module) -> dict[str, nn.Module]:
-    """`{state-dict prefix: backbone}` of the pretrained towers whose backbone is wholly frozen.
+    """`{state-dict prefix: module}` of the frozen parts of the pretrained towers' backbones: each
+    backbone when wholly frozen, else its largest submodules without a trainable parameter (the frozen
+    blocks and layers below `trainable_blocks` / `trainable_text_layers`).
 
-    Their weights are the packaged ones, bit for bit, for the whole run: a checkpoint leaves them out
-    (`trainable_state`) and records their hash instead; loading rebuilds them from their packages.
+    Their weights are the packaged ones, bit for bit, for the whole run (frozen BatchNorm keeps its
+    statistics): a checkpoint leaves them out (`trainable_state`) and records their hash instead;
+    loading rebuilds them from their packages.
     """
     out = {}
     for attr in ("visual", "text"):
         backbone = getattr(getattr(model, attr, None), "backbone", None)
-        if backbone is not None and not any(p.requires_grad for p in backbone.parameters()):
-            out[f"{attr}.backbone."] = backbone
+        if backbone is not None:
+            out.update(_frozen_parts(backbone, f"{attr}.backbone."))
     return out
 
 
+def _frozen_parts(module: nn.Module, prefix: str) -> dict[str, nn.Module]:
+    if not any(p.requires_grad for p in module.parameters()):
+        return {prefix: module}
+    return {k: v for name, child in module.named_children() for k, v in _frozen_parts(child, f"{prefix}{name}.").items()}
+
+
 def trainable_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """The model's state dict without its frozen backbones, and `{prefix: state_sha256}` of those left out
-    (a frozen EfficientNet-Lite0 + MiniLM pair is ~110 MB; the heads are ~3 MB)."""
+    """The model's state dict without the frozen parts of its backbones, and `{prefix: state_sha256}` of
+    those left out (a frozen EfficientNet-Lite0 + MiniLM pair is ~110 MB; the heads are ~3 MB)."""
     frozen = frozen_backbones(model)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith(tuple(frozen))}
     return state, {prefix: state_sha256(backbone) for prefix, backbone in frozen.items()}

@@ -58,13 +58,16 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 def make_optimizer(model: DualEncoder, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW or SGD; like open_clip, gains, biases and temperatures get no weight decay.
 
-    The trainable weights of an offline pretrained image backbone (`pdclip.towers.ImageBackbone`) get
-    their own groups with `lr_scale = cfg.pretrained_lr_scale`: `train_step` sets their lr to
-    `lr_scale` x the schedule's, so the new head moves fast without wiping the ImageNet features.
-    A trainable pretrained text backbone keeps the full rate, as in the study's recorded runs.
+    The trainable weights of an offline pretrained image backbone (`pdclip.towers.ImageBackbone`) and
+    a frozen text backbone's trainable layers (`trainable_text_layers`) get their own groups with
+    `lr_scale = cfg.pretrained_lr_scale`: `train_step` sets their lr to `lr_scale` x the schedule's, so
+    the new heads move fast without wiping the pretrained features. A wholly trainable pretrained text
+    backbone keeps the full rate, as in the study's recorded runs.
     """
     backbone = getattr(model.visual, "backbone", None)
     pretrained = {id(p) for p in backbone.parameters()} if isinstance(backbone, ImageBackbone) else set()
+    if cfg.trainable_text_layers:
+        pretrained |= {id(p) for p in model.text.backbone.parameters()}
     decay, no_decay, pretrained_decay, pretrained_no_decay = [], [], [], []
     for name, p in model.named_parameters():
         if p.requires_grad:

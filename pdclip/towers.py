@@ -146,6 +146,11 @@ class ImageBackbone(nn.Module):
     (16 for lite0), and the final 1x1 conv + BN; `num_blocks` counts them. All these parameters are
     pretrained: a trainer gives the trainable ones a lower learning rate than the new head on top.
 
+    `forward = tail(trunk(x))`, split where training starts: `trunk` runs the frozen blocks (nothing
+    without `freeze`) and `tail` the trainable ones and the pooling. A frozen trunk's output never
+    changes, so `pdclip.features` caches it: `(B, F)` pooled features when no block trains, else the
+    activation map `(B, C, h, w)` entering the first trainable block.
+
     Args:
         name: a key of `IMAGE_TOWERS`.
         freeze: fix the pretrained weights.
@@ -178,13 +183,14 @@ class ImageBackbone(nn.Module):
 
         net = self.net
         self._blocks = [  # a plain list: the modules are already registered under self.net
-            nn.ModuleList([net.conv_stem, net.bn1]), *[b for stage in net.blocks for b in stage],
-            nn.ModuleList([net.conv_head, net.bn2])]
+            nn.Sequential(net.conv_stem, net.bn1), *[b for stage in net.blocks for b in stage],
+            nn.Sequential(net.conv_head, net.bn2)]
         self.num_blocks = len(self._blocks)
         if not 0 <= trainable_blocks <= self.num_blocks:
             raise ValueError(f"trainable_blocks must be in [0, {self.num_blocks}] for {name!r}, "
                              f"got {trainable_blocks}")
-        self.frozen_blocks = self._blocks[:self.num_blocks - trainable_blocks] if freeze else []
+        self.trainable_blocks = trainable_blocks if freeze else self.num_blocks
+        self.frozen_blocks = self._blocks[:self.num_blocks - self.trainable_blocks]
         for block in self.frozen_blocks:
             block.requires_grad_(False)
         self.net.get_classifier().requires_grad_(False)
@@ -200,9 +206,29 @@ class ImageBackbone(nn.Module):
         """CLIP-normalised `(B, 3, H, W)` -> the last feature map `(B, F, H / 32, W / 32)`."""
         return self.net.forward_features(images * self.scale + self.shift)
 
+    def trunk_modules(self) -> list[nn.Module]:
+        """What `trunk` runs: the frozen blocks."""
+        return self.frozen_blocks
+
+    def trunk(self, images: Tensor) -> Tensor:
+        """CLIP-normalised `(B, 3, H, W)` -> the frozen blocks' output: pooled `(B, F)` when every block
+        is frozen, else the map `(B, C, h, w)` that `tail` takes."""
+        x = images * self.scale + self.shift
+        for block in self.frozen_blocks:
+            x = block(x)
+        return self.net.forward_head(x, pre_logits=True) if not self.trainable_blocks else x
+
+    def tail(self, x: Tensor) -> Tensor:
+        """`trunk`'s output -> pooled pre-logit features `(B, F)`: the trainable blocks and the pooling."""
+        if not self.trainable_blocks:
+            return x
+        for block in self._blocks[self.num_blocks - self.trainable_blocks:]:
+            x = block(x)
+        return self.net.forward_head(x, pre_logits=True)
+
     def forward(self, images: Tensor) -> Tensor:
         """CLIP-normalised `(B, 3, H, W)` -> pooled pre-logit features `(B, F)`."""
-        return self.net.forward_head(self.features(images), pre_logits=True)
+        return self.tail(self.trunk(images))
 
     def classify(self, images: Tensor) -> Tensor:
         """CLIP-normalised `(B, 3, H, W)` -> ImageNet logits `(B, 1000)`."""

@@ -90,7 +90,7 @@ def test_foreign_or_truncated_cache_raises(tmp_path, model):
     with pytest.raises(FeatureCacheError, match=r"other settings.*weights_sha256"):
         CachedFeatures(model, "synthetic", "val", DATA, root=tmp_path)
     with pytest.raises(ValueError, match="feature_cache needs both pretrained towers frozen"):
-        cfg(tmp_path, trainable_blocks=1)
+        cfg(tmp_path, freeze_image=False)
 
 
 def test_augmented_views_are_seeded_and_read_by_epoch(tmp_path, model):

@@ -35,7 +35,8 @@ CHECKS = {
                      and r["kd_mass_same_concept"] > 2 * r["ls_mass_same_concept"]
                      and r["multi_positive_change_identical"] < 1e-5 < 0.01 < r["multi_positive_change_differing"]),
     "03": lambda r: (all(0.0 <= r[f"{v}_concept_acc"] <= 1.0 for v in ("naive", "clip", "psd"))
-                     and r["identity_max_diff"] < 1e-6 and r["control_cos_gap"] < 1e-12 < r["default_cos_gap"]),
+                     and r["identity_max_diff"] < 1e-6 and r["control_cos_gap"] < 1e-12 < r["default_cos_gap"]
+                     and all(0.0 <= r[f"dose_{v}_heldout_best"] <= 1.0 for v in ("clip", "psd", "psd_strong"))),
     "04": lambda r: (r["pdclip_vs_pot"] < 1e-6 and r["otter_targets_vs_hand"] < 1e-6
                      and r["unmasked_diagonal_mass"] > 0.9 and r["masked_same_concept_mass"] > 0.9),
     # 06-08 train frozen pretrained towers (cached features): every method at least 3x chance on retrieval

@@ -183,3 +183,13 @@ def test_ema_teacher_predicts_at_its_own_temperature(tmp_path):
         t_img = teacher.encode_image(batch["image"])
         t_txt = teacher.encode_text(teacher.tokenize(batch["text"]))
     torch.testing.assert_close(result.targets_i2t, (2.0 * t_img @ t_txt.T).softmax(-1))
+
+
+@pytest.mark.parametrize("variant", DISTILLING + [{"fast_loss": True, "psd_teacher": "ema"}])
+def test_logged_target_mass_and_confidence_are_what_they_say(variant):
+    out = psd_output(variant)
+    off_diagonal = 1 - out.targets_i2t.diagonal().mean()  # the targets' mean mass off the given caption
+    assert float(out.parts["target_offdiag"]) == pytest.approx(float(off_diagonal), abs=1e-6)
+    assert float(off_diagonal) > 0.01  # something to measure: ALPHA x half the rows x the teacher's spread
+    confidence = out.logits.softmax(-1).diagonal().mean()
+    assert float(out.parts["train_confidence"]) == pytest.approx(float(confidence), abs=1e-6)

@@ -3,6 +3,7 @@ and no import cycle anywhere in pdclip."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -222,7 +223,7 @@ def test_the_cli_runs_as_a_module_and_reports_nothing_without_results(tmp_path):
 
     shown = run("--help")
     assert shown.returncode == 0, shown.stderr
-    assert "--preset {frozen,full,multipositive,quick}" in shown.stdout and "--report-only" in shown.stdout
+    assert "--preset {frozen,full,multipositive,partial,quick}" in shown.stdout and "--report-only" in shown.stdout
     done = run("--preset", "quick", "--report-only", "--out", str(tmp_path / "empty"))
     assert done.returncode == 0, done.stderr
     assert not (tmp_path / "empty").exists()
@@ -244,3 +245,44 @@ def test_a_data_variant_compared_across_methods_gets_a_per_method_table(tmp_path
     assert "What the variant changes, per method" in text
     assert '| synthetic, scratch, ν=0.4, n=10 | clip: {"relations": false} |' in text
     assert '| synthetic, scratch, ν=0.4, n=10, relations=False | otter |' in text  # methods within an arm
+
+
+def test_partial_preset_trains_last_blocks_on_cached_trunks_and_shares_cells(tmp_path):
+    """Issue 27's regime: PSD against CLIP and PSD's dose x teacher per regime, on the same cells."""
+    preset = presets.PRESETS["partial"]
+    cells = presets.expand(preset)
+    assert len(cells) == 50 and {c["seed"] for c in cells} == {0, 1, 2, 3, 4}
+    default_psd = next(c for c in cells if c["dataset"] == "clipart" and c["method"] == "psd" and not c["variant"])
+    assert default_psd["experiments"] == ["partial_clipart", "partial_clipart_psd"]
+    cfg = runner.train_config(default_psd, preset["base"], tmp_path)
+    assert cfg.feature_cache and cfg.freeze_image and cfg.freeze_text
+    assert (cfg.trainable_blocks, cfg.trainable_text_layers) == (2, 1)
+    low_epoch = next(c for c in cells if c["dataset"] == "synthetic")
+    assert preset["base"]["steps"] * preset["base"]["batch_size"] < low_epoch["n_train"]  # under one epoch
+
+
+def test_train_curve_is_window_means_and_the_report_tables_it(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(f'{{"step": {s}, "train_confidence": {s / 100}, "alpha": 0.5}}\n' for s in range(1, 61)))
+    curve = runner.train_curve(metrics, points=30)
+    assert len(curve) == 30 and curve[0] == {"step": 2, "train_confidence": pytest.approx(0.015), "alpha": 0.5}
+    preset = presets.PRESETS["partial"]
+
+    def run(cell, base, cell_dir):
+        row = _fake_eval_run({**cell, "noise": 0.4}, base, cell_dir)
+        if cell["dataset"] == "clipart":  # its headline: balanced accuracy on the category task
+            row = json.loads(json.dumps(row).replace(presets.HEADLINE, "zeroshot/category/mean_per_class_recall")
+                             .replace("zeroshot/colour_shape/", "zeroshot/category/"))
+        row["cell"] = cell
+        offdiag = {"target_offdiag": 0.25} if cell["method"] == "psd" else {}
+        row["train_curve"] = [{"step": s, "train_confidence": s / 200, **offdiag} for s in (50, 100, 150)]
+        return row
+
+    runner.run_grid(presets.expand(preset, seeds=[0, 1]), preset["base"], tmp_path / "runs", run_fn=run, log=lambda _: None)
+    doc = tmp_path / "results.md"
+    report.write_report("partial", tmp_path / "runs", doc, tmp_path / "figures")
+    text = doc.read_text()
+    assert "| condition | method | confidence @ 33% | confidence @ 67% | confidence @ 100% | off-diagonal mass @ 33%" in text
+    assert "| clipart, partial, ν=0.4 | clip | 25.0 ± 0.0 | 50.0 ± 0.0 | 75.0 ± 0.0 | – | – | – |" in text
+    assert "| clipart, partial, ν=0.4 | psd | 25.0 ± 0.0 | 50.0 ± 0.0 | 75.0 ± 0.0 | 25.0 ± 0.0 |" in text
+    assert "partial_train_curves.png" in {p.name for p in (tmp_path / "figures").iterdir()}

@@ -1,17 +1,24 @@
-"""Frozen towers, features once: a disk cache of backbone outputs, so training runs only the heads.
+"""Frozen towers, features once: a disk cache of backbone outputs, so training runs only what trains.
 
 With both pretrained towers frozen (`create_model(..., freeze_text=True, freeze_image=True)`), each
 tower's backbone gives the same `(N, F)` features at every step. `CachedFeatures` computes them once
 per key and stores `<root>/<name>-<digest>.npy` (float32) beside `.json` (the full key); reads are
 memory-mapped, so a run holds only the rows of its batch (Binder has about 2 GB).
 
+Partial fine-tuning (`TrainConfig.trainable_blocks`, `trainable_text_layers`): the cache then holds
+each tower's *trunk*, its output before the blocks / layers that train (`ImageBackbone.trunk`, an
+`(N, C, h, w)` map; `MeanPooledEncoder.trunk`, `(N, L, H)` token states padded to the split's longest
+caption), and every step runs those last blocks / layers plus the heads (`backbone.tail`). Trunk plus
+tail equals the full tower's forward to 1e-5 (tests/test_partial.py).
+
 The key is everything that changes the numbers:
 
-* image features: the backbone's name and a sha256 of its state (the exact weights), the resolution,
-  the dataset, every data keyword that can change images (a source's `caption_only_kwargs`, e.g. clip
-  art's caption noise, are left out), the split, its size, the view, and a hash of its first image;
-* text features (one row per unique caption): the text backbone's name and state hash, and a hash
-  of the split's captions (so caption noise, whatever knob made it, is in the key).
+* image features: the backbone's name, the cut point (how many blocks train), a sha256 of the frozen
+  trunk's state (the exact weights; the trained tail is not in it), the resolution, the dataset, every
+  data keyword that can change images (a source's `caption_only_kwargs`, e.g. clip art's caption
+  noise, are left out), the split, its size, the view, and a hash of its first image;
+* text features (one row per unique caption): the text backbone's name, cut point and trunk's state
+  hash, and a hash of the split's captions (so caption noise, whatever knob made it, is in the key).
 
 A new key is a new file: a miss extracts (progress bar, then its time and images/s) and writes
 atomically (tmp + `os.replace`, the `.json` last). A file whose `.json` holds another key, whose
@@ -30,7 +37,8 @@ split's training augmentation seeded by `(v, index)`); epoch e of training reads
 default `K = 1` trains on unaugmented features: every view costs one extraction.
 
 Training (`TrainConfig.feature_cache`): batches are `{"image_raw": (B, F), "text_raw": (B, F_t),
-"text", "index", "label"}` and `HeadsOnly(model)` runs only the towers' heads on them: the same
+"text", "index", "label"}` (trunks: `(B, C, h, w)` and `(B, L, H)`, L the batch's longest caption) and
+`HeadsOnly(model)` runs only the towers' tails and heads on them: the same
 `fit` -> `method_loss` path, teacher, snapshots and checkpoints as a run through the full towers
 (`fit` runs that loop on one CPU thread, see `pdclip.runtime.cpu_threads`). Evaluation reads the same
 way: the periodic one on the val split's cache, `python -m pdclip.evaluate --feature-cache` on each

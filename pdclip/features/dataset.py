@@ -8,12 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from pdclip.data import BatchedDataset, build_dataset, collate
 from pdclip.data.sampling import SeededSamples
-from pdclip.features.extract import _backbone_chunks, _tower_key, backbones, shard_features
+from pdclip.features.extract import _backbone_chunks, _tower_key, backbones, shard_features, trunk_shape
 from pdclip.features.store import DEFAULT_ROOT, FeatureCacheError, _digest, cached_array
 
 
@@ -22,7 +23,10 @@ class CachedFeatures(BatchedDataset):
 
     Indexed like `pdclip.data.sampling.SeededSamples`, by `(epoch, index)` keys: `get_batch(keys)`
     gives `{"image_raw": (B, F), "text_raw": (B, F_t), "text": list[str], "index": (B,), "label": (B,)}`
-    from epoch `e`'s view `e % views`, with no per-sample loading. What the evaluation reads of a
+    from epoch `e`'s view `e % views`, with no per-sample loading. "Features" are the frozen trunks'
+    outputs (`backbone.trunk`): with trainable blocks / text layers, `image_raw` is the activation map
+    `(B, C, h, w)` and `text_raw` the token states `(B, L, H)` (zero at padding, `L` the batch's
+    longest caption) that the towers' `backbone.tail` takes. What the evaluation reads of a
     split besides its samples (`FROM_SOURCE`: `zeroshot_tasks`, `retrieval_captions`,
     `true_correspondence`) is the source dataset's, where it has them, so `pdclip.evaluate` reads it
     like the dataset itself (with `HeadsOnly` as the model).
@@ -52,17 +56,22 @@ class CachedFeatures(BatchedDataset):
             self.views = 1
             self.texts, labels, rows = shard_features(self.source, towers["image"], model.image_size, root,
                                                       device, batch_size)
-            self.images = [rows]
+            self.images, self.image_shape = [rows], trunk_shape(towers["image"], model.image_size)
         else:
             labels = self._map_style_images(dataset, split, kwargs, towers, model, views, root, device, batch_size)
 
-        # Captions: one row per unique caption.
-        unique = sorted(set(self.texts))
-        text_key = {**_tower_key(towers["text"]), "context_length": getattr(model.text, "context_length", None),
+        # Captions: one row per unique caption, the trunk's states padded to the split's longest caption.
+        unique, text = sorted(set(self.texts)), towers["text"]
+        text_key = {**_tower_key(text), "context_length": getattr(model.text, "context_length", None),
                     "dataset": dataset, "split": split, "n": len(unique), "captions_sha256": _digest(unique)}
-        tokens = (model.tokenize(unique[s:s + batch_size]) for s in range(0, len(unique), batch_size))
+        ids = model.tokenize(unique)
+        lengths = (ids != text.pad_id).sum(1)
+        self.text_shape = (ids.shape[1], -1) if text.tail_modules() else (-1,)
+        self.text_lengths = lengths.numpy() if text.tail_modules() else None
+        tokens = (ids[s:s + batch_size, :int(lengths[s:s + batch_size].max())] for s in range(0, len(ids), batch_size))
+        rows = (_pad_tokens(chunk, ids.shape[1]) for chunk in _backbone_chunks(text, tokens, device))
         self.text_features = cached_array(root, f"{dataset}-{split}-{text_key['tower']}-captions", text_key,
-                                          len(unique), _backbone_chunks(towers["text"], tokens, device), "caption")
+                                          len(unique), rows, "caption")
         row = {t: i for i, t in enumerate(unique)}
         self.text_rows = np.array([row[t] for t in self.texts], dtype=np.int64)
         self.labels = None if labels is None else torch.as_tensor(labels)
@@ -81,7 +90,7 @@ class CachedFeatures(BatchedDataset):
         image_key = {**_tower_key(towers["image"]), "image_size": model.image_size, "dataset": dataset,
                      "data_kwargs": json.loads(json.dumps(image_kwargs, sort_keys=True, default=str)),
                      "split": split, "n": n, "first_image_sha256": hashlib.sha256(first).hexdigest()}
-        self.images = []
+        self.images, self.image_shape = [], trunk_shape(towers["image"], model.image_size)
         for view in range(views):
             batches = (b["image"] for b in self._view_batches(dataset, split, kwargs, view, model.image_size, batch_size))
             name = f"{dataset}-{split}-{image_key['tower']}-{model.image_size}px-view{view}"
@@ -114,13 +123,27 @@ class CachedFeatures(BatchedDataset):
         index = np.array([i for _, i in keys], dtype=np.int64)
         if np.any((index < 0) | (index >= len(self))):
             raise IndexError(f"indices out of range for {len(self)} samples: {index[(index < 0) | (index >= len(self))][:5]}")
-        batch = {"image_raw": torch.from_numpy(self.images[epoch % self.views][index]),
-                 "text_raw": torch.from_numpy(self.text_features[self.text_rows[index]]),
+        rows = self.text_rows[index]
+        text = self.text_features[rows].reshape(len(index), *self.text_shape)
+        if self.text_lengths is not None:  # only as many token positions as the batch's longest caption
+            text = text[:, :self.text_lengths[rows].max()]
+        images = self.images[epoch % self.views][index].reshape(len(index), *self.image_shape)
+        batch = {"image_raw": torch.from_numpy(images), "text_raw": torch.from_numpy(np.ascontiguousarray(text)),
                  "text": [self.texts[i] for i in index.tolist()], "index": torch.from_numpy(index)}
         if self.labels is not None:
             batch["label"] = self.labels[index]
         return batch
 
     def caption_features(self) -> dict[str, np.ndarray]:
-        """`{caption: (F_t,) backbone features}` for every caption of the split."""
-        return {t: self.text_features[r] for t, r in zip(self.texts, self.text_rows.tolist(), strict=True)}
+        """`{caption: its text trunk's output}` for every caption of the split: pooled `(F_t,)`, or
+        `(L, H)` over its `L` real tokens before trainable layers."""
+        out = {}
+        for t, r in zip(self.texts, self.text_rows.tolist(), strict=True):
+            features = self.text_features[r].reshape(self.text_shape)
+            out[t] = features if self.text_lengths is None else features[:self.text_lengths[r]]
+        return out
+
+
+def _pad_tokens(states: Tensor, length: int) -> Tensor:
+    """Text trunk outputs `(b, L', H)` zero-padded to `(b, length, H)` (pooled `(b, F)` unchanged)."""
+    return states if states.ndim == 2 else F.pad(states, (0, 0, 0, length - states.shape[1]))

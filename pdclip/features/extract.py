@@ -25,11 +25,12 @@ from pdclip.runtime import cpu_threads
 
 
 def backbones(model: nn.Module) -> dict[str, nn.Module]:
-    """`{"image": ..., "text": ...}`: the frozen backbones of a dual encoder's two towers.
+    """`{"image": ..., "text": ...}`: the backbones of a dual encoder's two towers, whose frozen trunks
+    the cache stores (`backbone.trunk(x)`; `backbone.tail` runs the trainable blocks or layers on it).
 
     Raises:
         FeatureCacheError: a tower has no `backbone` + `head` split (not a pretrained tower), or its
-            backbone has trainable parameters (e.g. `trainable_blocks > 0`): its features would change.
+            backbone's trunk is not frozen (a trainable tower): its outputs would change.
     """
     out = {}
     for kind, attr in (("image", "visual"), ("text", "text")):
@@ -37,27 +38,54 @@ def backbones(model: nn.Module) -> dict[str, nn.Module]:
         if not (hasattr(tower, "backbone") and hasattr(tower, "head")):
             raise FeatureCacheError(f"the feature cache needs pretrained towers with a backbone and a head; the "
                                     f"{kind} tower ({type(tower).__name__}) has none (set pretrained_{kind})")
-        trainable = sum(p.numel() for p in tower.backbone.parameters() if p.requires_grad)
-        if trainable:
-            raise FeatureCacheError(f"the feature cache needs a frozen {kind} backbone; it has {trainable:,} trainable "
-                                    "parameters (freeze it, trainable_blocks=0, or train without the cache)")
+        frozen = trunk_modules(tower.backbone)
+        trainable = sum(p.numel() for m in frozen for p in m.parameters() if p.requires_grad)
+        if trainable or not frozen:
+            raise FeatureCacheError(f"the feature cache needs a frozen {kind} backbone (trainable blocks or layers "
+                                    f"at its end are fine); its trunk has {trainable:,} trainable parameters "
+                                    f"(set freeze_{kind}, or train without the cache)")
         out[kind] = tower.backbone
     return out
 
 
+def trunk_modules(backbone: nn.Module) -> list[nn.Module]:
+    """The modules whose output a cache stores: a pretrained backbone's frozen trunk (`trunk_modules()`,
+    before its trainable last blocks or layers), or the whole of any other module."""
+    return backbone.trunk_modules() if hasattr(backbone, "trunk_modules") else [backbone]
+
+
+def trunk(backbone: nn.Module, x: Tensor) -> Tensor:
+    """What the cache stores for `x`: `backbone.trunk(x)`, or `backbone(x)` where it has no trunk/tail split."""
+    return backbone.trunk(x) if hasattr(backbone, "trunk") else backbone(x)
+
+
 def _tower_key(backbone: nn.Module) -> dict:
+    """The backbone's part of a key: its name, the cut point and the exact weights of its trunk."""
+    tail = getattr(backbone, "trainable_blocks", getattr(backbone, "trainable_layers", 0))
     return {"version": VERSION, "tower": getattr(backbone, "name", type(backbone).__name__),
-            "weights_sha256": state_sha256(backbone)}
+            "tail": tail, "weights_sha256": state_sha256(nn.ModuleList(trunk_modules(backbone)))}
+
+
+def trunk_shape(backbone: nn.Module, image_size: int) -> tuple[int, ...]:
+    """The shape of an image backbone's trunk output for one image: `(F,)`, or `(C, h, w)` before
+    trainable blocks (run on one blank image: the cache stores rows flat)."""
+    blank = torch.zeros(1, 3, image_size, image_size, device=next(backbone.parameters()).device)
+    was_training = backbone.training
+    try:
+        with torch.no_grad():
+            return tuple(trunk(backbone.eval(), blank).shape[1:])
+    finally:
+        backbone.train(was_training)
 
 
 @torch.no_grad()
 def _backbone_chunks(backbone: nn.Module, batches: Iterable, device: torch.device) -> Iterator[Tensor]:
-    """`backbone(x)` for every input in `batches`, in eval mode (frozen BatchNorm, no dropout)."""
+    """`backbone.trunk(x)` for every input in `batches`, in eval mode (frozen BatchNorm, no dropout)."""
     was_training = backbone.training
     backbone.eval()
     try:
         for x in batches:
-            yield backbone(x.to(device))
+            yield trunk(backbone, x.to(device))
     finally:
         backbone.train(was_training)
 
@@ -194,7 +222,8 @@ def _extract_shard(source, url: str, backbone: nn.Module, device: torch.device, 
                     break
                 if not batch:  # a chunk with no good sample
                     continue
-                features.append(backbone(batch["image"].to(device, non_blocking=True)).float().cpu().numpy())
+                rows = trunk(backbone, batch["image"].to(device, non_blocking=True))
+                features.append(rows.flatten(1).float().cpu().numpy())
                 texts += batch["text"]
                 labels += batch["label"].tolist() if "label" in batch else [None] * len(batch["text"])
                 bar.update(len(batch["text"]))

@@ -1,4 +1,5 @@
-"""`HeadsOnly`: a frozen-backbone dual encoder seen through its heads, run on cached backbone features."""
+"""`HeadsOnly`: a frozen-backbone dual encoder seen through what trains (its heads, and any trainable
+blocks or layers at its backbones' ends), run on the cached outputs of the frozen trunks."""
 
 from __future__ import annotations
 
@@ -15,17 +16,19 @@ from pdclip.features.extract import _backbone_chunks, backbones
 
 
 class HeadsOnly(nn.Module):
-    """A dual encoder with frozen backbones, seen through its heads: it takes backbone features.
+    """A dual encoder with frozen backbones, seen from where its training starts: it takes the outputs
+    of the backbones' frozen trunks (`CachedFeatures`) and runs the rest, the trainable blocks / text
+    layers at the backbones' ends (`backbone.tail`, nothing by default) and the heads.
 
     The encoder interface of `pdclip.models.DualEncoder` (`inputs`, `image_inputs`, `text_inputs`,
     `encode_image`, `encode_text`, `forward`, `scales`, `image_size`), so the training loop, its
-    teachers and `pdclip.evaluate` run it as they run the model; its parameters are the model's (a DDP wrapper syncs the heads' gradients,
-    the frozen backbones have none).
+    teachers and `pdclip.evaluate` run it as they run the model; its parameters are the model's (a DDP
+    wrapper syncs the trainable ones' gradients, the frozen trunks have none).
 
     Args:
         model: the dual encoder (kept, not copied: training it through this view trains it).
         captions: `CachedFeatures` whose caption features `text_inputs` looks up before running the
-            frozen text backbone (zero-shot prompts, other captions: computed once, then remembered).
+            frozen text trunk (zero-shot prompts, other captions: computed once, then remembered).
     """
 
     def __init__(self, model: nn.Module, captions: Iterable[CachedFeatures] = ()):
@@ -44,33 +47,45 @@ class HeadsOnly(nn.Module):
         return self.model.scales()
 
     def image_inputs(self, batch: dict) -> Tensor:
-        """What `encode_image` takes from a cached batch (`CachedFeatures.get_batch`): backbone features `(B, F)`."""
+        """What `encode_image` takes from a cached batch (`CachedFeatures.get_batch`): the image trunk's output."""
         return batch["image_raw"]
 
     def inputs(self, batch: dict) -> tuple[Tensor, Tensor]:
-        """What `forward` takes for a cached batch: both towers' backbone features, read from the cache."""
+        """What `forward` takes for a cached batch: both trunks' outputs, read from the cache."""
         return batch["image_raw"], batch["text_raw"]
 
     @torch.no_grad()
     def text_inputs(self, texts: list[str]) -> Tensor:
-        """Text backbone features `(B, F_t)` on the CPU: cached where known, else computed (and kept)."""
+        """The text trunk's outputs on the CPU, cached where known, else computed (and kept): pooled
+        `(B, F_t)`, or token states `(B, L, H)` zero-padded to the longest caption."""
         missing = sorted(set(texts) - self.known.keys())
         backbone = self.model.text.backbone
-        tokens = (self.model.tokenize(missing[s:s + 64]) for s in range(0, len(missing), 64))
-        features = _backbone_chunks(backbone, tokens, next(backbone.parameters()).device)
-        self.known.update(zip(missing, (row for chunk in features for row in chunk.cpu().numpy()), strict=True))
-        return torch.from_numpy(np.stack([self.known[t] for t in texts]))
+        device = next(backbone.parameters()).device
+        for s in range(0, len(missing), 64):
+            chunk, ids = missing[s:s + 64], self.model.tokenize(missing[s:s + 64])
+            states = next(_backbone_chunks(backbone, [ids], device)).cpu().numpy()
+            lengths = (ids != backbone.pad_id).sum(1).tolist()  # token states: only the real tokens kept
+            self.known.update((t, row if row.ndim == 1 else row[:n]) for t, row, n in zip(chunk, states, lengths, strict=True))
+        rows = [self.known[t] for t in texts]
+        if rows[0].ndim == 1:
+            return torch.from_numpy(np.stack(rows))
+        out = np.zeros((len(rows), max(len(r) for r in rows), rows[0].shape[1]), dtype=np.float32)
+        for i, r in enumerate(rows):
+            out[i, :len(r)] = r
+        return torch.from_numpy(out)
 
     def encode_image(self, image_raw: Tensor) -> Tensor:
-        """Image backbone features `(B, F)` -> L2-normalised `(B, D)`: the image head only."""
-        return F.normalize(self.model.visual.head(image_raw), dim=-1)
+        """The image trunk's output -> L2-normalised `(B, D)`: the backbone's tail, then the image head."""
+        visual = self.model.visual
+        return F.normalize(visual.head(visual.backbone.tail(image_raw)), dim=-1)
 
     def encode_text(self, text_raw: Tensor) -> Tensor:
-        """Text backbone features `(B, F_t)` -> L2-normalised `(B, D)`: the text head only."""
-        return F.normalize(self.model.text.head(text_raw), dim=-1)
+        """The text trunk's output -> L2-normalised `(B, D)`: the backbone's tail, then the text head."""
+        text = self.model.text
+        return F.normalize(text.head(text.backbone.tail(text_raw)), dim=-1)
 
     def forward(self, image_raw: Tensor, text_raw: Tensor) -> dict[str, Tensor]:
-        """`DualEncoder.forward` on backbone features: both heads and both multipliers."""
+        """`DualEncoder.forward` on the trunks' outputs: both towers' rest and both multipliers."""
         scale, scale_soft = self.model.scales()
         return {"image_features": self.encode_image(image_raw), "text_features": self.encode_text(text_raw),
                 "logit_scale": scale, "logit_scale_soft": scale_soft}

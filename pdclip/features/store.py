@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from pdclip.checkpoint import atomic_write_json
 from pdclip.runtime import cache_dir
 
-VERSION = 2  # part of every key: bump when extraction or the file layout changes (2: views' seeds)
+VERSION = 3  # part of every key: bump when extraction or the file layout changes (2: views' seeds; 3: trunks)
 DEFAULT_ROOT = Path(os.environ.get("PDCLIP_FEATURE_CACHE") or cache_dir("features"))
 
 
@@ -45,7 +45,7 @@ def cached_array(root: Path, name: str, key: dict, rows: int, chunks: Iterator[T
         key: everything the numbers depend on (JSON data, the backbone's weights included, so they
             fix `F`); it is stored in the `.json`.
         rows: `N`, the number of rows the array must have.
-        chunks: `(b, F)` tensors in row order; only consumed on a miss.
+        chunks: `(b, ...)` tensors in row order, each row stored flat (`F` values); only consumed on a miss.
         unit: what a row is ("img", "caption"), for the progress bar.
         quiet: no progress bar or timing line (the caller extracted `chunks` already and timed it).
 
@@ -62,6 +62,7 @@ def cached_array(root: Path, name: str, key: dict, rows: int, chunks: Iterator[T
     tmp, out, row, tic = path.with_name(path.name + ".tmp"), None, 0, time.perf_counter()
     with tqdm(total=rows, unit=unit, desc=f"extract {name}", disable=quiet) as bar:
         for chunk in chunks:
+            chunk = chunk.reshape(len(chunk), -1)  # rows of any shape (a trunk's map, token states), stored flat
             if out is None:  # F is known from the first chunk
                 out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(rows, chunk.shape[1]))
             out[row:row + len(chunk)] = chunk.float().cpu().numpy()

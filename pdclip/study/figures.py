@@ -137,6 +137,33 @@ def plot_target_quality(rows: list[dict], path: Path) -> str | None:
     return _save(fig, path)
 
 
+def plot_train_curves(rows: list[dict], path: Path) -> str | None:
+    """Confidence on the training pairs and the targets' off-diagonal mass against steps, mean over
+    seeds, one line per method and variant, one row of panels per (dataset, noise level)."""
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r.get("train_curve")]
+    conditions = sorted({(r["cell"]["dataset"], r["cell"]["noise"]) for r in rows}, key=str)
+    if not rows:
+        return None
+    fig, axes = plt.subplots(len(conditions), 2, figsize=(9, 3.2 * len(conditions)), layout="constrained", squeeze=False)
+    for (dataset, noise), panels in zip(conditions, axes, strict=True):
+        runs: dict[str, list] = {}
+        for r in rows:
+            if (r["cell"]["dataset"], r["cell"]["noise"]) == (dataset, noise):
+                label = r["cell"]["method"] + "".join(f", {k.removeprefix('psd_')}={v}" for k, v in sorted(r["cell"]["variant"].items()))
+                runs.setdefault(label, []).append(r["train_curve"])
+        for ax, key, ylabel in zip(panels, ("train_confidence", "target_offdiag"),
+                                   ("confidence on its training pairs", "targets' off-diagonal mass"), strict=True):
+            for i, (label, curves) in enumerate(sorted(runs.items())):
+                if key in curves[0][0]:
+                    ax.plot([p["step"] for p in curves[0]], np.mean([[p[key] for p in c] for c in curves], axis=0),
+                            label=label, color=f"C{i}")
+            ax.set(xlabel="step", ylabel=ylabel, ylim=(0, 1), title=f"{dataset}, ν = {noise:g}")
+        panels[0].legend(fontsize=6)
+    return _save(fig, path)
+
+
 def make_figures(preset_name: str, rows: list[dict], figures: Path) -> dict[str, str]:
     """Draw the report's figures into `figures`; returns `{title: file name}` of those drawn."""
     noise_rows = [r for r in rows if "noise" in r["cell"]["experiments"]]  # the figures' sweep
@@ -145,14 +172,16 @@ def make_figures(preset_name: str, rows: list[dict], figures: Path) -> dict[str,
         size_rows = []
     x_field = "n_train" if size_rows else "noise"
     figs = {
-        "accuracy vs noise": plot_sweep(noise_rows, "noise", ("ZS", "R@1 i→t"),
-                                        figures / f"{preset_name}_accuracy_vs_noise.png"),
-        f"gain over CLIP vs {x_field}": plot_sweep(size_rows or noise_rows, x_field, ("ZS", "R@1 i→t"),
-                                                   figures / f"{preset_name}_gain_vs_{x_field}.png", gains=True),
+        "accuracy vs noise": noise_rows and plot_sweep(noise_rows, "noise", ("ZS", "R@1 i→t"),
+                                                       figures / f"{preset_name}_accuracy_vs_noise.png"),
+        f"gain over CLIP vs {x_field}": noise_rows and plot_sweep(
+            size_rows or noise_rows, x_field, ("ZS", "R@1 i→t"), figures / f"{preset_name}_gain_vs_{x_field}.png",
+            gains=True),
         "validation scores against steps": plot_curves(
-            [r for r in rows if {"noise", "clipart_noise"} & set(r["cell"]["experiments"])],
+            [r for r in rows if {"noise", "clipart_noise"} & set(r["cell"]["experiments"])] or rows,
             figures / f"{preset_name}_curves.png"),
         "effective robustness, mild shift": plot_robustness(noise_rows, figures / f"{preset_name}_effective_robustness.png"),
         "target quality over training": plot_target_quality(noise_rows, figures / f"{preset_name}_target_quality.png"),
+        "confidence and target mass over training": plot_train_curves(rows, figures / f"{preset_name}_train_curves.png"),
     }
     return {title: name for title, name in figs.items() if name}

@@ -23,6 +23,7 @@ from pdclip.study.tables import (
     results_table,
     steps_table,
     summary_table,
+    train_curve_table,
     val_gains_table,
 )
 
@@ -32,6 +33,12 @@ RULE = (f"**bold**: a verdict, Holm-adjusted p < {tables.ALPHA:g} over the table
 PRECISION_NOTE = ("Target precision: the share of the soft targets' off-diagonal mass that lands on captions that "
                   "truly describe the image, at the end of training; chance: that share for mass spread uniformly. "
                   "For PSD it scores the teacher's predictions; with `psd_teacher=self` those are the student's own.")
+
+CURVE_NOTE = ("During training (percent, mean ± 95 % CI over seeds, each a window mean of the logged steps): "
+              "*confidence*, the student's mean image→text softmax on the given caption of its own training "
+              "batch; *off-diagonal mass*, the share of each target row put on other captions (PSD: α times "
+              "its teacher's, averaged over all rows; CLIP: none). A self-teacher can only disagree with a "
+              "noisy caption where confidence is low and the off-diagonal mass is not.")
 
 
 def _verdicts(verdicts: list[str], n: int) -> str:
@@ -45,6 +52,8 @@ def experiment_section(name: str, experiment: dict, rows: list[dict], references
         return [f"### Experiment `{name}`", "", "No finished runs yet.", ""]
     by = experiment.get("compare", "variant" if "variants" in experiment else "method")
     lines = [f"### Experiment `{name}`", "", *results_table(rows, references=references), "", PRECISION_NOTE, ""]
+    if any(r.get("train_curve") for r in rows):
+        lines += [CURVE_NOTE, "", *train_curve_table(rows), ""]
     if by == "variant":  # an ablation chooses on validation; its test columns are reported
         lines += ["Paired gain over the default variant on **validation** (mean ± 95 % t-CI over seeds; what the "
                   "ablation chooses on):", "", *val_gains_table(rows), ""]

@@ -143,7 +143,24 @@ def _run_cell(cell: dict, base: dict, cell_dir: Path) -> dict:
     return {"cell": cell, "budgets": {b: {"step": step, "metrics": scores, "samples": _test_samples(samples)}
                                       for b, (step, scores, samples) in budgets.items()},
             "probe_budget": probe, "curve": keep.curve, "target_quality": quality,
+            "train_curve": train_curve(Path(summary["metrics"])),
             "train_s": train_s, "wall_s": time.perf_counter() - tic, "cpu_s": time.process_time() - cpu}
+
+
+TRAIN_CURVE = ("train_confidence", "target_offdiag", "alpha")  # the per-step parts a result keeps
+
+
+def train_curve(metrics: Path, points: int = 30) -> list[dict]:
+    """The student's confidence on its training pairs and its targets' off-diagonal mass against
+    steps: `points` windows of `metrics.jsonl`, each the mean of its steps (per-batch values are noisy)."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    size = max(1, len(rows) // points)
+    out = []
+    for start in range(0, len(rows), size):
+        window = rows[start:start + size]
+        out.append({"step": window[-1]["step"], **{k: sum(r[k] for r in window) / len(window)
+                                                   for k in TRAIN_CURVE if k in window[0]}})
+    return out
 
 
 def _test_samples(samples: dict) -> dict:
@@ -154,6 +171,8 @@ def _test_samples(samples: dict) -> dict:
 def reference_probes(cells: list[dict], base: dict, out: Path, log: Callable[[str], None] = print) -> None:
     """The linear probe on the raw frozen backbone features (no head), once per dataset and training
     set, into `<out>/reference/<dataset>[-n<n_train>].json`: the row a trained head's probe is read against."""
+    import torch
+
     from pdclip.checkpoint import atomic_write_json
     from pdclip.features import CachedFeatures
     from pdclip.metrics import linear_probe_predictions
@@ -166,12 +185,13 @@ def reference_probes(cells: list[dict], base: dict, out: Path, log: Callable[[st
             continue
         log(f"raw-backbone linear probe: {path.name}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        model = model_from_config(cfg)
+        model = model_from_config(cfg).eval()
         raw = []
         for split in ("train", "val", "test"):
             feats = CachedFeatures(model, cfg.dataset, split, cfg.data_kwargs, root=cfg.feature_cache_dir)
             batch = feats.get_batch([(0, i) for i in range(len(feats))])
-            raw.append((batch["image_raw"], batch["label"]))
+            with torch.no_grad():  # the pretrained blocks after a trunk's cut, if any: the raw backbone's features
+                raw.append((model.visual.backbone.tail(batch["image_raw"]), batch["label"]))
         scores, pred = linear_probe_predictions(*raw)
         atomic_write_json({**scores, "samples": {"pred": pred.tolist(), "label": raw[2][1].tolist()}}, path)
 

@@ -205,7 +205,7 @@ def val_gains_table(rows: list[dict], columns: Sequence[str] = ("val ZS", "val R
     for group in sorted(gains[columns[0]], key=str):
         for arm in sorted(gains[columns[0]][group]):
             label = f"{arm} ({CONTROLS[arm]})" if arm in CONTROLS else arm
-            cells = [_cell_text(gains[c][group].get(arm, (math.nan, math.nan, 0)), True) for c in columns]
+            cells = [_cell_text(gains[c].get(group, {}).get(arm, (math.nan, math.nan, 0)), True) for c in columns]
             lines.append(f"| {condition(group)} | {label} | " + " | ".join(cells) + " |")
     return lines
 
@@ -243,3 +243,34 @@ def steps_table(rows: list[dict]) -> list[str]:
                  for m in METHODS]
         lines.append(f"| {condition(g)} | " + " | ".join(cells) + " |")
     return lines
+
+
+TRAIN_MARKS = (1 / 3, 2 / 3, 1.0)  # where in training `train_curve_table` reads a run's curve
+
+
+def curve_at(curve: list[dict], key: str, fraction: float) -> float | None:
+    """A `train_curve` value (`pdclip.study.runner.train_curve`) at the window nearest `fraction` of
+    the run; None where the run logs no such value (CLIP has no soft targets)."""
+    last = curve[-1]["step"]
+    point = min(curve, key=lambda p: abs(p["step"] - fraction * last))
+    return point.get(key)
+
+
+def train_curve_table(rows: list[dict]) -> list[str]:
+    """Markdown rows: the student's confidence on its own training pairs and its targets' off-diagonal
+    mass, in percent (mean ± 95 % CI over seeds) a third, two thirds and all of the way through training,
+    per condition and method: how far a self-teacher could disagree with the given caption."""
+    rows = [r for r in rows if r.get("train_curve")]
+    cols = {f"{label} @ {fraction:.0%}": aggregate(rows, lambda r, k=key, f=fraction: _percent(curve_at(r["train_curve"], k, f)))
+            for key, label in (("train_confidence", "confidence"), ("target_offdiag", "off-diagonal mass"))
+            for fraction in TRAIN_MARKS}
+    first = next(iter(cols.values()))
+    lines = ["| condition | method | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
+    for group in sorted(first, key=str):
+        for method in sorted(first[group], key=METHODS.index):
+            lines.append(f"| {condition(group)} | {method} | " + " | ".join(_cell_text(c[group][method]) for c in cols.values()) + " |")
+    return lines
+
+
+def _percent(value: float | None) -> float | None:
+    return None if value is None else 100 * value
