@@ -87,14 +87,17 @@ def plot_curves(rows: list[dict], path: Path) -> str | None:
 
     rows = [r for r in rows if r.get("curve") and not r["cell"]["variant"]]
     datasets = sorted({r["cell"]["dataset"] for r in rows})
-    noises = sorted({r["cell"]["noise"] for r in rows})
     if not rows:
         return None
-    fig, axes = plt.subplots(2 * len(datasets), len(noises), figsize=(3.4 * len(noises), 2.8 * 2 * len(datasets)),
+    # Each dataset's own noise levels, left to right (two sources need not share them).
+    noises = {d: sorted({r["cell"]["noise"] for r in rows if r["cell"]["dataset"] == d}) for d in datasets}
+    width = max(map(len, noises.values()))
+    fig, axes = plt.subplots(2 * len(datasets), width, figsize=(3.4 * width, 2.8 * 2 * len(datasets)),
                              layout="constrained", squeeze=False)
     for d, dataset in enumerate(datasets):
         chance = next(r["budgets"]["final"]["metrics"] for r in rows if r["cell"]["dataset"] == dataset)
-        for col, noise in enumerate(noises):
+        for col in range(width):
+            noise = noises[dataset][col] if col < len(noises[dataset]) else object()  # past its levels: empty
             curves = {m: [r["curve"] for r in rows if (r["cell"]["dataset"], r["cell"]["noise"], r["cell"]["method"])
                           == (dataset, noise, m)] for m in METHODS}
             curves = {m: c for m, c in curves.items() if c}
