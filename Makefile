@@ -44,8 +44,8 @@ study: setup clipart
 	$(PY) -m pdclip.study --preset frozen --out runs/study-frozen --jobs 2 --results docs/results.md
 
 # study-partial: PSD where its teacher can disagree with the label: the towers' last blocks / layer train on
-# cached trunks (50 runs; from an empty cache, extracting the trunks took 22 min, then 21-29 min per seed of
-# 10 runs on 2 shared cores: seeds 0-2 in 101 min, docs/results.md).
+# cached trunks (60 runs; from an empty cache, extracting the trunks took 22 min, then 21-29 min per seed of
+# the first 10 runs on 2 shared cores; the 40 runs docs/results.md reports took 114 min).
 study-partial: setup clipart
 	$(PY) -m pdclip.study --preset partial --out runs/study-partial --jobs 2 --results docs/results.md
 

@@ -251,7 +251,7 @@ def test_partial_preset_trains_last_blocks_on_cached_trunks_and_shares_cells(tmp
     """Issue 27's regime: PSD against CLIP and PSD's dose x teacher per regime, on the same cells."""
     preset = presets.PRESETS["partial"]
     cells = presets.expand(preset)
-    assert len(cells) == 50 and {c["seed"] for c in cells} == {0, 1, 2, 3, 4}
+    assert len(cells) == 60 and {c["seed"] for c in cells} == {0, 1, 2, 3, 4}
     default_psd = next(c for c in cells if c["dataset"] == "clipart" and c["method"] == "psd" and not c["variant"])
     assert default_psd["experiments"] == ["partial_clipart", "partial_clipart_psd"]
     cfg = runner.train_config(default_psd, preset["base"], tmp_path)
@@ -259,6 +259,10 @@ def test_partial_preset_trains_last_blocks_on_cached_trunks_and_shares_cells(tmp
     assert (cfg.trainable_blocks, cfg.trainable_text_layers) == (2, 1)
     low_epoch = next(c for c in cells if c["dataset"] == "synthetic")
     assert preset["base"]["steps"] * preset["base"]["batch_size"] < low_epoch["n_train"]  # under one epoch
+    short = next(c for c in cells if "partial_clipart_two_epochs" in c["experiments"])
+    short_cfg = runner.train_config(short, preset["base"], tmp_path)  # a variant may shorten the run
+    assert short_cfg.steps == short_cfg.save_every == 98 and short_cfg.data_kwargs["caption_noise"] == 0.6
+    assert short_cfg.steps * short_cfg.batch_size <= 2 * 6295  # at most two epochs of clip art's training split
 
 
 def test_train_curve_is_window_means_and_the_report_tables_it(tmp_path):

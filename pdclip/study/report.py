@@ -61,7 +61,7 @@ def experiment_section(name: str, experiment: dict, rows: list[dict], references
               f"(same seed: same initialisation and batches); {RULE}:", ""]
     gains, verdicts, n = gains_table(rows, by)
     lines += [*gains, "", _verdicts(verdicts, n), ""]
-    if "variants" in experiment and by == "method":  # each method with and without the variant
+    if "variants" in experiment and by == "method" and {} in experiment["variants"]:  # with and without it
         lines += ["What the variant changes, per method (paired by seed, over the default variant):", ""]
         verdicts, n, header = [], 0, True
         for method in METHODS:

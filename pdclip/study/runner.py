@@ -38,13 +38,13 @@ def train_config(cell: dict, base: dict, run_dir: Path) -> TrainConfig:
                     p_mismatch=cell["noise"] / 2, p_vague=cell["noise"] / 2)
     elif cell["noise"] is not None:  # clip art: the noise level is the share of mismatched captions
         data["caption_noise"] = cell["noise"]
-    shared = {k: v for k, v in base.items() if k in ("lr", "weight_decay", "eval_steps")}
+    run = {k: v for k, v in base.items() if k in ("steps", "warmup_steps", "batch_size", "snapshot_every", "lr",
+                                                  "weight_decay", "eval_steps")}
+    run.update(train)  # a variant may change the budget too (a shorter run: fewer epochs)
     return TrainConfig(dataset=cell["dataset"], data_kwargs=data, model=base["model"],
-                       **SETTINGS[cell["setting"]], steps=base["steps"],
-                       warmup_steps=base["warmup_steps"], batch_size=base["batch_size"], precision="fp32",
-                       seed=cell["seed"], out=str(run_dir), overwrite=True, progress=False,
-                       save_every=base["steps"], snapshot_every=base["snapshot_every"],
-                       loss=LossConfig(method=cell["method"], **loss), **shared, **train)
+                       **SETTINGS[cell["setting"]], precision="fp32", seed=cell["seed"], out=str(run_dir),
+                       overwrite=True, progress=False, save_every=run["steps"],
+                       loss=LossConfig(method=cell["method"], **loss), **run)
 
 
 def eval_splits(dataset: str) -> tuple[str, ...]:
