@@ -161,7 +161,9 @@ def method_loss(
     parts["loss"] = loss.detach()
     # How sure the student is of its own training pairs: a self-teacher that puts most of its mass on
     # the given caption only echoes the (possibly wrong) label (docs/methods.md §5).
-    parts["train_confidence"] = logits.detach().softmax(-1).diagonal().mean()
+    # Only the diagonal of the softmax: no second (B, B) matrix on the hot path.
+    detached = logits.detach()
+    parts["train_confidence"] = (detached.diagonal() - detached.logsumexp(-1)).exp().mean()
     return MethodOutput(loss, parts, logits.detach(), make_targets)
 
 

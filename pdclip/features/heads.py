@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
 
 from pdclip.features.dataset import CachedFeatures
 from pdclip.features.extract import _backbone_chunks, backbones
@@ -66,13 +67,8 @@ class HeadsOnly(nn.Module):
             states = next(_backbone_chunks(backbone, [ids], device)).cpu().numpy()
             lengths = (ids != backbone.pad_id).sum(1).tolist()  # token states: only the real tokens kept
             self.known.update((t, row if row.ndim == 1 else row[:n]) for t, row, n in zip(chunk, states, lengths, strict=True))
-        rows = [self.known[t] for t in texts]
-        if rows[0].ndim == 1:
-            return torch.from_numpy(np.stack(rows))
-        out = np.zeros((len(rows), max(len(r) for r in rows), rows[0].shape[1]), dtype=np.float32)
-        for i, r in enumerate(rows):
-            out[i, :len(r)] = r
-        return torch.from_numpy(out)
+        rows = [torch.tensor(self.known[t]) for t in texts]  # copies: cached rows are read-only memory maps
+        return torch.stack(rows) if rows[0].ndim == 1 else pad_sequence(rows, batch_first=True)
 
     def encode_image(self, image_raw: Tensor) -> Tensor:
         """The image trunk's output -> L2-normalised `(B, D)`: the backbone's tail, then the image head."""
